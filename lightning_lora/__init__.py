@@ -1,0 +1,59 @@
+"""lightning_lora: parameter-efficient fine-tuning for PyTorch Lightning.
+
+The core (config, targeting, methods, surgery, io) works on any ``nn.Module``; ``LoRACallback`` is the Lightning glue.
+"""
+
+from lightning_lora.config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
+from lightning_lora.io import (
+    AdapterFileError,
+    base_fingerprint,
+    export_merged,
+    load_adapter,
+    merged_state_dict,
+    save_adapter,
+)
+from lightning_lora.methods.base import MergeError
+from lightning_lora.surgery import (
+    adapter_state_dict,
+    adapters,
+    disable_adapters,
+    inject,
+    merge,
+    parameter_counts,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterFileError",
+    "BottleneckConfig",
+    "ConfigError",
+    "LoRACallback",
+    "LoRAConfig",
+    "MergeError",
+    "adapter_state_dict",
+    "adapters",
+    "base_fingerprint",
+    "disable_adapters",
+    "export_merged",
+    "inject",
+    "load_adapter",
+    "merge",
+    "merged_state_dict",
+    "parameter_counts",
+    "save_adapter",
+    "unload",
+    "unmerge",
+]
+
+
+def __getattr__(name: str):
+    # The callback imports Lightning; keep ``import lightning_lora`` light for core-only users.
+    if name == "LoRACallback":
+        from lightning_lora.callbacks import LoRACallback
+
+        return LoRACallback
+    raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""DoRA (Liu et al. 2024, arXiv 2402.09353): W = m * (W0 + s B A) / ||W0 + s B A||, norm taken per output unit.
+
+As in the paper (section 4.3) and PEFT, the norm is a constant in backward. The row norms are computed from
+``||W0||``, ``W0 A^T`` and ``B (A A^T)``, so no second full-size weight is built in forward:
+``||W0_i + s (BA)_i||^2 = ||W0_i||^2 + 2 s <B_i, (W0 A^T)_i> + s^2 B_i (A A^T) B_i^T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_lora.config import LoRAConfig
+from lightning_lora.methods.base import LINEAR_TYPES, MethodSpec, register
+from lightning_lora.methods.lora import LoRALinear, check_rank, rank_and_alpha
+
+
+class DoRALinear(LoRALinear):
+    """DoRA around ``nn.Linear`` or ``Conv1D``; ``lora_magnitude_vector`` is PEFT's name for m."""
+
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, r: int, alpha: float) -> None:
+        super().__init__(base_layer, config, r, alpha)
+        self.lora_magnitude_vector = nn.Parameter(self.column_norm().to(self.lora_A.weight.dtype))
+        self.register_buffer("_norm_at_merge", None, persistent=False)
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight in (out_features, in_features) layout."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    @torch.no_grad()
+    def column_norm(self) -> Tensor:
+        """||W0 + s B A|| per output unit, in float32, without building W0 + s B A."""
+        w = self.base_weight()
+        a = self.lora_A.weight.to(w.dtype)
+        b = self.lora_B.weight.float()
+        w_norm_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
+        w_at = (w @ a.T).float()  # (out, r)
+        a_at = self.lora_A.weight.float() @ self.lora_A.weight.float().T  # (r, r)
+        s = self.scaling
+        norm_sq = w_norm_sq + 2 * s * (b * w_at).sum(1) + s * s * ((b @ a_at) * b).sum(1)
+        return norm_sq.clamp_min(0).sqrt()
+
+    def update(self, x: Tensor, base_out: Tensor) -> Tensor:
+        scale = (self.lora_magnitude_vector / self.column_norm()).to(base_out.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            x_in = x
+            base_no_bias = base_out if self.bias is None else base_out - self.bias
+        else:  # as in PEFT: the magnitude rescales the dropped-out input's base projection
+            x_in = self.lora_dropout(x)
+            base_no_bias = F.linear(x_in, self.base_weight())
+        lora_out = self.lora_B(self.lora_A(x_in.to(self.lora_A.weight.dtype))) * self.scaling
+        return base_out + (scale - 1) * base_no_bias + scale * lora_out.to(base_out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        lora = self.lora_weight() * self.scaling
+        w = self.base_weight().float()
+        if self.merged:  # w holds m/n (W0 + s B A); recover W0 with the norm from merge time
+            scale = (self.lora_magnitude_vector.float() / self._norm_at_merge).unsqueeze(1)
+            delta = w - (w / scale - lora)
+        else:
+            scale = (self.lora_magnitude_vector.float() / self.column_norm()).unsqueeze(1)
+            delta = (scale - 1) * w + scale * lora
+        return delta.T if self.fan_in_fan_out else delta
+
+    def before_merge(self) -> None:
+        self._norm_at_merge = self.column_norm()
+
+    def after_unmerge(self) -> None:
+        self._norm_at_merge = None
+
+
+def build_dora(base_layer: nn.Module, config: LoRAConfig, path: str) -> DoRALinear:
+    r, alpha = rank_and_alpha(config, path)
+    check_rank(base_layer, r, path)
+    return DoRALinear(base_layer, config, r, alpha)
+
+
+def supports_dora(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+register(MethodSpec("dora", build_dora, supports_dora, mergeable=True))

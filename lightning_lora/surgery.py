@@ -1,0 +1,197 @@
+"""Inject, merge, unmerge, unload and disable adapters: one walk over the model, all or nothing.
+
+Injection is two-phase: ``prepare`` builds every adapter without touching the model (so any error leaves it as it
+was), ``attach`` swaps them in and freezes the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.methods.base import (
+    LINEAR_TYPES,
+    AdapterModule,
+    InsertedAdapter,
+    MergeError,
+    WeightAdapter,
+    method_spec,
+)
+from lightning_lora.targeting import resolve_targets
+
+log = logging.getLogger(__name__)
+
+Adapter = Union[WeightAdapter, InsertedAdapter]
+
+
+def adapters(model: nn.Module) -> dict[str, Adapter]:
+    """Every adapter in ``model`` by the path of the layer it adapts (an inserted adapter: its sublayer's path)."""
+    found: dict[str, Adapter] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, WeightAdapter):
+            found[path] = module
+        elif isinstance(module, InsertedAdapter):
+            found[path.rsplit(".", 1)[0] if "." in path else ""] = module
+    return found
+
+
+def injected_config(model: nn.Module) -> AdapterConfig | None:
+    """The config the model's adapters were built from, or None for a model without adapters."""
+    found = adapters(model)
+    return next(iter(found.values())).config if found else None
+
+
+def prepare(model: nn.Module, config: AdapterConfig) -> dict[str, Adapter]:
+    """Build the adapters ``config`` asks for, keyed by target path, without changing ``model``."""
+    if adapters(model):
+        raise ConfigError(
+            f"{type(model).__name__} already has {injected_config(model).method!r} adapters; call unload(model) "
+            "first (one adapter at a time)."
+        )
+    spec = method_spec(config.method)
+    default = (lambda m: spec.default_targets(m, config)) if spec.default_targets else None
+    targets = resolve_targets(model, config, spec.is_supported, LINEAR_TYPES, default)
+    modules = dict(model.named_modules())
+    if spec.mergeable:
+        _refuse_shared_weights(model, targets, modules)
+    return {path: spec.build(modules[path], config, path) for path in targets}
+
+
+def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
+    """Put prepared adapters into ``model`` and freeze everything else in it; returns the adapted paths."""
+    for path, adapter in prepared.items():
+        if isinstance(adapter, WeightAdapter):
+            _set_submodule(model, path, adapter)
+        else:
+            adapter.attach(model.get_submodule(path))
+        log.debug("lightning_lora: %s -> %s", path, type(adapter).__name__)
+    freeze_base(model)
+    return list(prepared)
+
+
+def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Add ``config``'s adapters to ``model`` in place and freeze its base; returns the adapted module paths.
+
+    On any error (nothing matched, a rank too large, an unsupported layer) the model is left unchanged.
+    """
+    return attach(model, prepare(model, config))
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only adapter parameters train; everything else in ``model`` is frozen."""
+    trainable = {id(p) for a in adapters(model).values() for p in a.adapter_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    for adapter in adapters(model).values():
+        yield from adapter.adapter_parameters()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter tensors keyed by their path in ``model``'s own state dict."""
+    return {f"{path}.{name}" if path else name: t.detach()
+            for path, adapter in adapters(model).items() for name, t in adapter.adapter_tensors().items()}
+
+
+def _weight_adapters(model: nn.Module, action: str) -> list[WeightAdapter]:
+    found = adapters(model)
+    inserted = {type(a).__name__ for a in found.values() if isinstance(a, InsertedAdapter)}
+    if inserted:
+        raise MergeError(
+            f"{injected_config(model).method!r} adapters are inserted modules and cannot be {action}d into the base "
+            "weights; export the adapter with save_adapter(...) instead."
+        )
+    return [a for a in found.values() if isinstance(a, WeightAdapter)]
+
+
+def merge(model: nn.Module, safe: bool = True) -> None:
+    """Fold every adapter into its base weight. With ``safe``, nothing is merged if any result would be non-finite."""
+    layers = _weight_adapters(model, "merge")
+    if safe:
+        for layer in layers:
+            layer.check_mergeable()
+    for layer in layers:
+        layer.merge()
+
+
+merge_all = merge  # ``unload``'s ``merge`` argument shadows the function's name
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``: subtract each update from its base weight."""
+    for layer in _weight_adapters(model, "unmerge"):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and give back the original module objects; with ``merge``, fold the updates in first.
+
+    Parameters stay frozen; call ``model.requires_grad_(True)`` to train the base again.
+    """
+    found = adapters(model)
+    if merge:
+        merge_all(model)
+    else:
+        for adapter in found.values():
+            if isinstance(adapter, WeightAdapter):
+                adapter.unmerge()
+    for path, adapter in found.items():
+        if isinstance(adapter, WeightAdapter):
+            _set_submodule(model, path, adapter.unwrap())
+        else:
+            adapter.detach(model.get_submodule(path))
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged for it and merged back after)."""
+    found = list(adapters(model).values())
+    remerge = [a for a in found if isinstance(a, WeightAdapter) and a.merged]
+    for adapter in remerge:
+        adapter.unmerge()
+    previous = [a.enabled for a in found]
+    for adapter in found:
+        adapter.enabled = False
+    try:
+        yield model
+    finally:
+        for adapter, enabled in zip(found, previous):
+            adapter.enabled = enabled
+        for adapter in remerge:
+            adapter.merge()
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared parameters counted once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _refuse_shared_weights(model: nn.Module, targets: list[str], modules: dict[str, nn.Module]) -> None:
+    """A weight shared between modules (tied embeddings) would be changed for all of them by a merge."""
+    owners: dict[int, list[str]] = {}
+    for path, module in modules.items():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            owners.setdefault(id(weight), []).append(path)
+    for path in targets:
+        others = [p for p in owners.get(id(modules[path].weight), []) if p != path]
+        if others:
+            raise ConfigError(
+                f"{path} shares its weight with {', '.join(others)} (tied embeddings): adapting one and merging would "
+                f"change the other. Exclude {path} with exclude_modules, or untie the weights first."
+            )
