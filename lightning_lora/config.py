@@ -111,11 +111,12 @@ class LoRAConfig(AdapterConfig):
     ``True`` (A Kaiming-uniform, B zero: PEFT's default), ``"gaussian"`` (A normal with std 1/r, B zero) or
     ``False`` (both random: the adapter changes the output from the start; for tests).
     ``rank_pattern``/``alpha_pattern`` map a module name or regex to its own r/alpha, as in PEFT.
+    With no ``target_modules``, every linear layer but the output head is adapted (``"all-linear"``, as QLoRA).
     """
 
     method: str = "lora"
     r: int = 8
-    alpha: float = 8.0
+    alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
     init_weights: Union[bool, str] = True
@@ -125,6 +126,8 @@ class LoRAConfig(AdapterConfig):
     METHODS: ClassVar[tuple[str, ...]] = ("lora", "dora")
 
     def __post_init__(self) -> None:
+        if self.target_modules is None:
+            self.target_modules = "all-linear"
         super().__post_init__()
         for name, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
