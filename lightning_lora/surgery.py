@@ -65,10 +65,12 @@ def prepare(model: nn.Module, config: AdapterConfig) -> dict[str, Adapter]:
 def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
     """Put prepared adapters into ``model`` and freeze everything else in it; returns the adapted paths."""
     for path, adapter in prepared.items():
+        target = model.get_submodule(path)
+        adapter.train(target.training)  # dropout follows the mode the model is in
         if isinstance(adapter, WeightAdapter):
             _set_submodule(model, path, adapter)
         else:
-            adapter.attach(model.get_submodule(path))
+            adapter.attach(target)
         log.debug("lightning_lora: %s -> %s", path, type(adapter).__name__)
     freeze_base(model)
     return list(prepared)
@@ -195,3 +197,16 @@ def _refuse_shared_weights(model: nn.Module, targets: list[str], modules: dict[s
                 f"{path} shares its weight with {', '.join(others)} (tied embeddings): adapting one and merging would "
                 f"change the other. Exclude {path} with exclude_modules, or untie the weights first."
             )
+
+
+def enable_input_grads_for_checkpointing(model: nn.Module) -> bool:
+    """With a frozen base, reentrant gradient checkpointing sees no input that requires grad and backward fails
+    ("element 0 of tensors does not require grad"); make the input embeddings' output require grad, as PEFT does.
+    Returns whether it was needed. Idempotent."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if not getattr(model, flag, False) or not hasattr(model, "enable_input_require_grads"):
+        return False
+    if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None):
+        return False
+    model.enable_input_require_grads()
+    return True

@@ -1,0 +1,25 @@
+"""``lightning-lora`` / ``python -m lightning_lora``: Lightning's CLI, with the model, data and callbacks chosen in
+YAML (``class_path``/``init_args``) or on the command line (``--trainer.callbacks+=lightning_lora.LoRACallback``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from pytorch_lightning.cli import LightningCLI
+
+
+class LoRACLI(LightningCLI):
+    """``LightningCLI`` in subclass mode: any LightningModule and LightningDataModule by ``class_path``."""
+
+
+def main(args: Optional[list[str]] = None) -> Optional[LoRACLI]:
+    """Run the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
+    return LoRACLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        auto_configure_optimizers=False,
+    )

@@ -1,0 +1,169 @@
+"""LoRACallback in a real Trainer: freezing, optimizer contents, adapter-only checkpoints, resume, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+import lightning_lora as ll
+from conftest import make_llama
+from tiny_modules import ConfigureModelLlama, PlainModule, TinyLlamaModule, TokensDataModule
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def lora(**kwargs) -> ll.LoRACallback:
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("target_modules", ["q_proj", "v_proj"])
+    return ll.LoRACallback(**kwargs)
+
+
+def test_fit_trains_only_the_adapter(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    module = TinyLlamaModule()
+    base_before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    callback = lora()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [callback]).fit(module, TokensDataModule())
+
+    assert "lightning_lora: lora on 4 modules of LlamaForCausalLM (model); trainable parameters 896 of" in caplog.text
+    adapter_state = ll.adapter_state_dict(module.model)
+    for key, before in base_before.items():
+        assert torch.equal(module.model.state_dict()[key], before), f"base tensor {key} changed"
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in adapter_state.items() if "lora_B" in k)
+    optimizer = module.trainer.optimizers[0]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in ll.surgery.adapter_parameters(module.model)}
+    assert module.losses[-1] < module.losses[0]
+
+
+def test_checkpoint_holds_only_the_adapter(tmp_path: Path) -> None:
+    module = TinyLlamaModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [lora(), checkpoint]).fit(module, TokensDataModule())
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    assert set(saved["state_dict"]) == {f"model.{k}" for k in ll.adapter_state_dict(module.model)}
+    assert saved["lightning_lora"]["method"] == "lora"
+    assert saved["lightning_lora"]["base_fingerprint"] == ll.base_fingerprint(module.model)
+    optimizer_state = saved["optimizer_states"][0]["state"]
+    assert len(optimizer_state) == 8  # AdamW moments for the 8 adapter tensors only
+
+
+@pytest.mark.parametrize("module_class", [TinyLlamaModule, ConfigureModelLlama])
+def test_resume_matches_uninterrupted_run(tmp_path: Path, module_class: type) -> None:
+    pl.seed_everything(0)
+    straight = module_class()
+    trainer(tmp_path / "a", [lora(dropout=0.1)], max_epochs=4).fit(straight, TokensDataModule())
+
+    pl.seed_everything(0)
+    first = module_class()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer(tmp_path / "b", [lora(dropout=0.1), checkpoint], max_epochs=2).fit(first, TokensDataModule())
+    resumed = module_class()
+    torch.manual_seed(1234)  # resuming must not depend on the RNG state at the time of resume
+    trainer(tmp_path / "b", [lora(dropout=0.1), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)],
+            max_epochs=4).fit(resumed, TokensDataModule(), ckpt_path="last")
+
+    assert resumed.trainer.global_step == straight.trainer.global_step == 32
+    expected, actual = ll.adapter_state_dict(straight.model), ll.adapter_state_dict(resumed.model)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(resumed.losses, straight.losses[16:], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_with_other_options_or_base_is_an_error(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, [lora(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
+    with pytest.raises(ll.ConfigError, match="trained with"):
+        trainer(tmp_path, [lora(r=2)]).fit(TinyLlamaModule(), TokensDataModule(), ckpt_path=checkpoint.last_model_path)
+    other_base = TinyLlamaModule(seed=7)
+    with pytest.raises(ll.ConfigError, match="different base model"):
+        trainer(tmp_path, [lora()]).fit(other_base, TokensDataModule(), ckpt_path=checkpoint.last_model_path)
+    assert all(torch.equal(t, torch.zeros_like(t)) for k, t in ll.adapter_state_dict(other_base.model).items()
+               if "lora_B" in k), "a refused checkpoint must not be loaded"
+
+
+def test_resume_reports_real_key_mismatches(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, [lora(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    saved["state_dict"]["model.not_a_parameter"] = torch.zeros(1)
+    del saved["state_dict"]["model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    broken = tmp_path / "broken.ckpt"
+    torch.save(saved, broken)
+    with pytest.raises(ll.ConfigError, match=r"missing \['model.model.layers.0.self_attn.q_proj.lora_A.weight'\]"):
+        trainer(tmp_path, [lora()]).fit(TinyLlamaModule(), TokensDataModule(), ckpt_path=broken)
+
+
+def test_exports_load_in_peft_and_transformers(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    module = TinyLlamaModule()
+    callback = lora(export_dir=str(tmp_path / "export"), export_on_checkpoint=True)
+    trainer(tmp_path, [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt")], max_epochs=1).fit(
+        module, TokensDataModule())
+    assert callback.adapter_dir == tmp_path / "export" / "adapter"
+    assert (tmp_path / "export" / "step-8" / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((callback.adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert not any(k.startswith("base_model.model.model.model") for k in config["target_modules"])
+
+    tokens = torch.randint(3, 64, (2, 10))
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(tokens).logits
+        via_peft = peft.PeftModel.from_pretrained(make_llama(), str(callback.adapter_dir)).eval()(tokens).logits
+        merged = LlamaForCausalLM.from_pretrained(callback.merged_dir).eval()(tokens).logits
+    torch.testing.assert_close(via_peft, expected)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_module_and_bottleneck_adapters(tmp_path: Path) -> None:
+    module = PlainModule()
+    callback = lora(target_modules=["block.0", "block.2"])
+    trainer(tmp_path, [callback], max_epochs=1).fit(module, TokensDataModule())
+    assert callback.model is module
+    assert (callback.merged_dir / "model.safetensors").is_file()
+
+    llama = TinyLlamaModule()
+    houlsby = ll.LoRACallback("houlsby", reduction_factor=4, export_dir=str(tmp_path / "h"))
+    trainer(tmp_path, [houlsby], max_epochs=1).fit(llama, TokensDataModule())
+    assert houlsby.merged_dir is None and (houlsby.adapter_dir / "adapter_config.json").is_file()
+    assert len(ll.adapters(llama.model)) == 4
+
+
+def test_gradient_checkpointing_with_frozen_base(tmp_path: Path) -> None:
+    module = TinyLlamaModule(gradient_checkpointing=True)
+    trainer(tmp_path, [lora()], max_epochs=1).fit(module, TokensDataModule())
+    assert module.losses[-1] < module.losses[0]
+    assert all(not torch.equal(p, torch.zeros_like(p)) for n, p in module.model.named_parameters() if "lora_B" in n)
+
+
+def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ll.ConfigError, match="takes no option 'reduction_factor'"):
+        ll.LoRACallback("lora", reduction_factor=4)
+    with pytest.raises(ll.ConfigError, match="set export_merged=False"):
+        ll.LoRACallback("pfeiffer", export_merged=True)
+    with pytest.raises(ll.ConfigError, match="Unknown method 'loar'.*'lora'"):
+        ll.LoRACallback("loar")
+    module = TinyLlamaModule()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ll.ConfigError, match="q_proj"):
+        trainer(tmp_path, [lora(target_modules=["q_prj"])]).fit(module, TokensDataModule())
+    assert {k: v for k, v in module.state_dict().items()}.keys() == before.keys()
+    assert all(p.requires_grad for p in module.parameters())
+    with pytest.raises(ll.ConfigError, match="names no submodule"):
+        trainer(tmp_path, [lora(model_attr="backbone")]).fit(TinyLlamaModule(), TokensDataModule())
