@@ -46,8 +46,12 @@ def injected_config(model: nn.Module) -> AdapterConfig | None:
     return next(iter(found.values())).config if found else None
 
 
-def prepare(model: nn.Module, config: AdapterConfig) -> dict[str, Adapter]:
-    """Build the adapters ``config`` asks for, keyed by target path, without changing ``model``."""
+def prepare(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> dict[str, Adapter]:
+    """Build the adapters ``config`` asks for, keyed by target path, without changing ``model``.
+
+    With ``seed``, adapters are initialized from that seed inside a forked RNG: the same seed gives the same adapter
+    whatever ran before (another strategy, another rank), and the caller's random stream is not advanced.
+    """
     if adapters(model):
         raise ConfigError(
             f"{type(model).__name__} already has {injected_config(model).method!r} adapters; call unload(model) "
@@ -59,7 +63,12 @@ def prepare(model: nn.Module, config: AdapterConfig) -> dict[str, Adapter]:
     modules = dict(model.named_modules())
     if spec.mergeable:
         _refuse_shared_weights(model, targets, modules)
-    return {path: spec.build(modules[path], config, path) for path in targets}
+    if seed is None:
+        return {path: spec.build(modules[path], config, path) for path in targets}
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        return {path: spec.build(modules[path], config, path) for path in targets}
 
 
 def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
@@ -76,12 +85,13 @@ def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
     return list(prepared)
 
 
-def inject(model: nn.Module, config: AdapterConfig) -> list[str]:
+def inject(model: nn.Module, config: AdapterConfig, seed: int | None = None) -> list[str]:
     """Add ``config``'s adapters to ``model`` in place and freeze its base; returns the adapted module paths.
 
-    On any error (nothing matched, a rank too large, an unsupported layer) the model is left unchanged.
+    On any error (nothing matched, a rank too large, an unsupported layer) the model is left unchanged. ``seed``
+    makes the initialization independent of the global RNG (see ``prepare``).
     """
-    return attach(model, prepare(model, config))
+    return attach(model, prepare(model, config, seed))
 
 
 def freeze_base(model: nn.Module) -> None:

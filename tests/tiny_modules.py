@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from conftest import VOCAB, make_llama, make_plain
 
@@ -28,7 +28,12 @@ class TokensDataModule(pl.LightningDataModule):
         self.count, self.length, self.batch_size = count, length, batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(RandomTokens(self.count, self.length), batch_size=self.batch_size, shuffle=False)
+        data = RandomTokens(self.count, self.length)
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # in order, so ranks' batches tile one process's batches
+            sampler = DistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+            return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(RandomTokens(8, self.length, seed=1), batch_size=self.batch_size)

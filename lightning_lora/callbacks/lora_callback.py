@@ -55,6 +55,8 @@ class LoRACallback(Callback):
         export_dir: where exports go; None is ``<trainer.log_dir or default_root_dir>/lightning_lora``.
         export_merged: also write the merged model. None means yes for methods that can merge.
         export_on_checkpoint: export at every checkpoint too (into ``export_dir/step-<N>``), not only at fit end.
+        seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
+            None uses ``torch.initial_seed()`` (what ``seed_everything`` sets), so every rank and strategy agree.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class LoRACallback(Callback):
         export_dir: Optional[str] = None,
         export_merged: Optional[bool] = None,
         export_on_checkpoint: bool = False,
+        seed: Optional[int] = None,
     ) -> None:
         options = dict(
             r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, exclude_modules=exclude_modules,
@@ -96,6 +99,7 @@ class LoRACallback(Callback):
         self.export_dir = export_dir
         self.export_merged = mergeable if export_merged is None else export_merged
         self.export_on_checkpoint = export_on_checkpoint
+        self.seed = seed
         self.adapter_dir: Optional[Path] = None
         self.merged_dir: Optional[Path] = None
         self._root: Optional[nn.Module] = None
@@ -141,7 +145,7 @@ class LoRACallback(Callback):
         self._root_path, root = self._find_root(pl_module)
         existing = injected_config(root)
         if existing is None:
-            targets = inject(root, self.config)
+            targets = inject(root, self.config, seed=self.seed if self.seed is not None else torch.initial_seed())
         elif existing.method != self.config.method:
             raise ConfigError(
                 f"{type(root).__name__} already holds {existing.method!r} adapters but the callback asks for "
