@@ -167,3 +167,21 @@ def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
     assert all(p.requires_grad for p in module.parameters())
     with pytest.raises(ll.ConfigError, match="names no submodule"):
         trainer(tmp_path, [lora(model_attr="backbone")]).fit(TinyLlamaModule(), TokensDataModule())
+
+
+def test_adapters_train_in_float32_over_a_bfloat16_base(tmp_path: Path) -> None:
+    module = TinyLlamaModule()
+    module.model.to(torch.bfloat16)
+    trainer(tmp_path, [lora()], max_epochs=1).fit(module, TokensDataModule())
+    params = list(ll.surgery.adapter_parameters(module.model))
+    assert {p.dtype for p in params} == {torch.float32}
+    assert module.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_bf16_true_precision_warns_about_half_precision_adapters(tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [lora()], max_steps=1, precision="bf16-true").fit(TinyLlamaModule(), TokensDataModule())
+    assert any("adapter weights are torch.bfloat16" in str(w.message) for w in caught)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.model_helpers import is_overridden
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 from typing_extensions import override
@@ -182,8 +182,16 @@ class LoRACallback(Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
-        if not any(p.requires_grad for p in adapter_parameters(self.model)):
+        params = list(adapter_parameters(self.model))
+        if not any(p.requires_grad for p in params):
             raise ConfigError("No adapter parameter requires grad; was requires_grad changed after injection?")
+        half = {str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)}
+        if half:
+            rank_zero_warn(
+                f"lightning_lora: adapter weights are {', '.join(sorted(half))} (the Trainer's precision cast every "
+                "parameter), so small updates round away. Load the base model in bfloat16 yourself and use "
+                "precision='bf16-mixed' or '32-true': adapters then train in float32 and still compute in bfloat16."
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

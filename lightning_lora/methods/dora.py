@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.methods.base import LINEAR_TYPES, MethodSpec, register
+from lightning_lora.methods.base import LINEAR_TYPES, MethodSpec, WeightAdapter, register
 from lightning_lora.methods.lora import LoRALinear, check_rank, rank_and_alpha
 
 
@@ -41,16 +41,21 @@ class DoRALinear(LoRALinear):
         norm_sq = w_norm_sq + 2 * s * (b * w_at).sum(1) + s * s * ((b @ a_at) * b).sum(1)
         return norm_sq.clamp_min(0).sqrt()
 
+    forward = WeightAdapter.forward  # DoRA needs the base output whole: not LoRALinear's fused path
+
     def update(self, x: Tensor, base_out: Tensor) -> Tensor:
-        scale = (self.lora_magnitude_vector / self.column_norm()).to(base_out.dtype)
+        dtype = base_out.dtype
+        scale = self.lora_magnitude_vector.float() / self.column_norm()
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             x_in = x
             base_no_bias = base_out if self.bias is None else base_out - self.bias
         else:  # as in PEFT: the magnitude rescales the dropped-out input's base projection
             x_in = self.lora_dropout(x)
-            base_no_bias = F.linear(x_in, self.base_weight())
-        lora_out = self.lora_B(self.lora_A(x_in.to(self.lora_A.weight.dtype))) * self.scaling
-        return base_out + (scale - 1) * base_no_bias + scale * lora_out.to(base_out.dtype)
+            base_no_bias = F.linear(x_in.to(dtype), self.base_weight().to(dtype))
+        after_a = F.linear(x_in.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
+        lora_out = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype) * self.scaling
+        # scale - 1 is taken in float32: rounding m / ||W|| to bfloat16 first would lose most of it
+        return base_out + (scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out
 
     def delta_weight(self) -> Tensor:
         lora = self.lora_weight() * self.scaling

@@ -30,6 +30,13 @@ def layer_dims(base: nn.Module) -> tuple[int, int]:
     raise TypeError(type(base).__name__)
 
 
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapter weights train in float32 over a half-precision (or quantized) base, as PEFT's default does: bfloat16
+    rounds away most AdamW updates of a LoRA factor or a DoRA magnitude near 1. The matmuls still run in the
+    activations' dtype (see ``LoRALinear.forward``)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 class LoRALinear(WeightAdapter):
     """LoRA around ``nn.Linear`` or transformers' ``Conv1D`` (whose weight is stored transposed)."""
 
@@ -38,16 +45,24 @@ class LoRALinear(WeightAdapter):
         in_features, out_features = layer_dims(base_layer)
         self.r, self.alpha, self.scaling = r, alpha, config.scaling(r, alpha)
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        dtype = self.weight.dtype if self.weight.is_floating_point() else torch.float32
-        factory = {"device": self.weight.device, "dtype": dtype}
+        factory = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
         self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         init_lora(self.lora_A.weight, self.lora_B.weight, config.init_weights, r)
 
-    def update(self, x: Tensor, base_out: Tensor) -> Tensor:
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return base_out + (self.lora_B(self.lora_A(x)) * self.scaling).to(base_out.dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.enabled:
+            return self.base_forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        out = self.base_forward(flat)  # a fresh 2-D tensor that backward does not need: safe to update in place
+        return self.add_update(flat, out).view(*x.shape[:-1], out.shape[-1])
+
+    def add_update(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out += scaling * B A dropout(x)``, with A and B cast to the output's dtype and the update accumulated by
+        the second GEMM itself (no full-size ``* scaling`` or ``+`` kernels)."""
+        after_a = F.linear(self.lora_dropout(x), self.lora_A.weight.to(out.dtype)).to(out.dtype)
+        return out.addmm_(after_a, self.lora_B.weight.to(out.dtype).t(), alpha=self.scaling)
 
     def lora_weight(self) -> Tensor:
         """B A in (out_features, in_features) layout."""
@@ -67,7 +82,7 @@ class LoRAConv(WeightAdapter):
             raise ConfigError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported.")
         self.r, self.alpha, self.scaling = r, alpha, config.scaling(r, alpha)
         conv = type(base_layer)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
         self.lora_A = conv(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride,
                            base_layer.padding, base_layer.dilation, bias=False, **factory)
         self.lora_B = conv(r, base_layer.out_channels, 1, bias=False, **factory)
@@ -76,8 +91,10 @@ class LoRAConv(WeightAdapter):
         self._conv_fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[conv]
 
     def update(self, x: Tensor, base_out: Tensor) -> Tensor:
-        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        return base_out + (self.lora_B(self.lora_A(x)) * self.scaling).to(base_out.dtype)
+        dtype = base_out.dtype
+        after_a = self.lora_A._conv_forward(self.lora_dropout(x).to(dtype), self.lora_A.weight.to(dtype), None)
+        after_b = self.lora_B._conv_forward(after_a.to(dtype), self.lora_B.weight.to(dtype), None)
+        return base_out + after_b * self.scaling
 
     def delta_weight(self) -> Tensor:
         # Composing A (in -> r, kernel k) with B (r -> out, 1x1) is a convolution of A's kernels by B.
@@ -92,7 +109,7 @@ class LoRAEmbedding(WeightAdapter):
         super().__init__(base_layer, config)
         num, dim = base_layer.num_embeddings, base_layer.embedding_dim
         self.r, self.alpha, self.scaling = r, alpha, config.scaling(r, alpha)
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": adapter_dtype(self.weight)}
         self.lora_embedding_A = nn.Parameter(torch.zeros(r, num, **factory))
         self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **factory))
         nn.init.normal_(self.lora_embedding_B)
@@ -131,6 +148,8 @@ def rank_and_alpha(config: LoRAConfig, path: str) -> tuple[int, float]:
 
 def check_rank(base_layer: nn.Module, r: int, path: str) -> None:
     in_features, out_features = layer_dims(base_layer)
+    if isinstance(base_layer, CONV_TYPES):  # A reads a whole receptive field, so the update's rank can reach in * k
+        in_features *= math.prod(base_layer.kernel_size)
     limit = min(in_features, out_features)
     if r > limit:
         raise ConfigError(
