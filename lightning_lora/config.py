@@ -181,12 +181,22 @@ class LoRAConfig(AdapterConfig):
             raise ConfigError(
                 f"PEFT method {data['peft_type']!r} is not supported yet; supported: LORA (with or without use_dora)."
             )
-        for unsupported in ("modules_to_save", "layer_replication", "trainable_token_indices"):
+        # Options that add tensors or change the forward pass (PEFT's LoRA variants): loading such an adapter as plain
+        # LoRA would give wrong outputs without an error.
+        for unsupported in ("modules_to_save", "layer_replication", "trainable_token_indices", "lora_bias",
+                            "target_parameters", "use_qalora", "alora_invocation_tokens", "arrow_config",
+                            "velora_config", "kasa_config", "monteclora_config", "use_bdlora"):
             if data.get(unsupported):
                 raise ConfigError(f"PEFT adapter uses {unsupported}, which lightning_lora does not support yet.")
         if data.get("bias", "none") != "none":
             raise ConfigError(f"PEFT adapter trains biases (bias={data['bias']!r}); only bias='none' is supported.")
         init = data.get("init_lora_weights", True)
+        if isinstance(init, str) and init.split("_")[0].lower() in ("pissa", "olora", "corda", "loftq", "mica"):
+            raise ConfigError(
+                f"PEFT adapter was initialized with init_lora_weights={init!r}, which changes the base weights or the "
+                "forward pass; on the original base it would give wrong outputs. Convert it to plain LoRA in PEFT "
+                "(save_pretrained with path_initial_model_for_weight_conversion) and load that."
+            )
         return cls(
             method="dora" if data.get("use_dora") else "lora",
             target_modules=data.get("target_modules"),

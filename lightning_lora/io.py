@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
-from lightning_lora.methods.base import InsertedAdapter, WeightAdapter
+from lightning_lora.methods.base import InsertedAdapter, WeightAdapter, weight_sample
 from lightning_lora.surgery import adapter_state_dict, adapters, attach, injected_config, prepare
 
 PathLike = Union[str, os.PathLike]
@@ -72,21 +72,17 @@ def base_fingerprint(model: nn.Module, samples: int = 16) -> str:
     """A short hash of the base weights' names, shapes and a few values each.
 
     Values are rounded to bfloat16 so that a dtype cast does not change the fingerprint, and sampled so that a 1B
-    model is fingerprinted in milliseconds. Merged adapters are unmerged in the view used here.
+    model is fingerprinted in milliseconds. Adapted layers report their base weight without the update, exactly as it
+    was before merging (``WeightAdapter.base_weight_sample``), so merging does not change the fingerprint.
     """
     digest = hashlib.sha256()
-    merged_layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items()
-                     if isinstance(a, WeightAdapter) and a.merged}
+    layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items() if isinstance(a, WeightAdapter)}
     for key, tensor in sorted(base_state_dict(model).items()):
         digest.update(f"{key}:{tuple(tensor.shape)};".encode())
         if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.int64):
             continue
-        if key in merged_layers:
-            layer = merged_layers[key]
-            tensor = tensor.float() - layer.delta_weight().float()
-        flat = tensor.reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
-        digest.update(flat[index].to(torch.bfloat16).float().cpu().numpy().tobytes())
+        sample = layers[key].base_weight_sample(samples) if key in layers else weight_sample(tensor, samples)
+        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

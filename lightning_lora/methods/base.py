@@ -28,6 +28,28 @@ class MergeError(RuntimeError):
     """A merge that cannot be done; the model is unchanged."""
 
 
+FINGERPRINT_SAMPLES = 16
+
+
+def _sampled(weight: Tensor, samples: int) -> Tensor:
+    flat = weight.detach().reshape(-1)
+    return flat[torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()]
+
+
+def _is_plain(weight: Tensor) -> bool:
+    return type(weight.data) is torch.Tensor and not weight.is_meta  # not quantized tensor subclasses
+
+
+def _written(weight: Tensor) -> Optional[Tensor]:
+    """The raw sampled values just written, to tell later whether anything else has written the weight since."""
+    return _sampled(weight, FINGERPRINT_SAMPLES).cpu() if _is_plain(weight) else None
+
+
+def weight_sample(weight: Tensor, samples: int = FINGERPRINT_SAMPLES) -> Tensor:
+    """``samples`` evenly spaced values of ``weight``, rounded to bfloat16, as float32 on the CPU (base fingerprints)."""
+    return _sampled(weight, samples).to(torch.bfloat16).float().cpu()
+
+
 class WeightAdapter(nn.Module):
     """A weight-update adapter around one base layer.
 
@@ -45,6 +67,8 @@ class WeightAdapter(nn.Module):
         object.__setattr__(self, "config", config)
         self.merged = False
         self.enabled = True
+        self._base_sample: Optional[Tensor] = None  # see base_weight_sample
+        self._written_sample: Optional[Tensor] = None
 
     # -- the base layer's own computation, with our weight ---------------------------------------------------------
     def base_forward(self, x: Tensor) -> Tensor:
@@ -91,10 +115,12 @@ class WeightAdapter(nn.Module):
         if self.merged:
             return
         new_weight = self.merged_weight()
+        base_sample = self.base_weight_sample() if _is_plain(self.weight) else None
         self.before_merge()
         with torch.no_grad():
             self.weight.copy_(new_weight)
         self.merged = True
+        self._base_sample, self._written_sample = base_sample, _written(self.weight)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -104,6 +130,25 @@ class WeightAdapter(nn.Module):
             self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
         self.merged = False
         self.after_unmerge()
+        self._written_sample = _written(self.weight)
+
+    def base_weight_sample(self, samples: int = FINGERPRINT_SAMPLES) -> Tensor:
+        """``weight_sample`` of the base weight without the update, for base fingerprints.
+
+        Merging rounds: the merged weight minus the update, and the weight after unmerging, equal the base only up to
+        rounding, which would change a hash of the values. So the sample taken before the first merge is returned as
+        long as the weight is still what the last merge or unmerge wrote (nothing else has changed the base since).
+        """
+        kept = self._base_sample
+        written = self._written_sample
+        if kept is not None and written is not None and samples == FINGERPRINT_SAMPLES:
+            now = _written(self.weight)
+            if now is not None and now.dtype == written.dtype and torch.equal(now, written):
+                return kept
+        if not self.merged:
+            return weight_sample(self.weight, samples)
+        with torch.no_grad():
+            return weight_sample(self.weight.float() - self.delta_weight().float(), samples)
 
     def before_merge(self) -> None:
         """Cache what ``delta_weight`` needs once the weight holds the merged value."""

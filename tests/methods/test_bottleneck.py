@@ -1,0 +1,226 @@
+"""Houlsby and Pfeiffer bottleneck adapters: placement, step-zero identity, options, IO round trip and unload."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from conftest import VOCAB, make_bert, make_gpt2, make_llama, make_plain
+from peft_oracle import logits
+from torch import Tensor, nn
+
+from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.io import export_merged, load_adapter, merged_state_dict, save_adapter
+from lightning_lora.methods.base import MergeError
+from lightning_lora.methods.bottleneck import BottleneckAdapter
+from lightning_lora.surgery import adapter_state_dict, adapters, disable_adapters, inject, merge, unload, unmerge
+
+
+def token_batch() -> Tensor:
+    return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def perturb_up(model: nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Give every adapter_up random weights so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in adapters(model).values():
+            adapter.adapter_up.weight.copy_(torch.randn(adapter.adapter_up.weight.shape, generator=gen) * scale)
+            adapter.adapter_up.bias.copy_(torch.randn(adapter.adapter_up.bias.shape, generator=gen) * scale)
+
+
+PLACEMENT = [
+    ("llama", make_llama, "houlsby",
+     [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.down_proj")]),
+    ("llama", make_llama, "pfeiffer", [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]),
+    ("gpt2", make_gpt2, "houlsby", [f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_proj", "mlp.c_proj")]),
+    ("gpt2", make_gpt2, "pfeiffer", [f"transformer.h.{i}.mlp.c_proj" for i in (0, 1)]),
+    ("bert", make_bert, "houlsby",
+     [f"bert.encoder.layer.{i}.{p}" for i in (0, 1) for p in ("attention.output.dense", "output.dense")]),
+    ("bert", make_bert, "pfeiffer", [f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)]),
+]
+
+
+@pytest.mark.parametrize("family,make,method,expected", PLACEMENT, ids=[f"{p[0]}-{p[2]}" for p in PLACEMENT])
+def test_default_placement(family: str, make: Callable[[], nn.Module], method: str, expected: list[str]) -> None:
+    model = make()
+    paths = inject(model, AdapterConfig.create(method))
+    assert paths == expected
+    assert sorted(adapters(model)) == sorted(expected)
+    for path in expected:
+        assert isinstance(model.get_submodule(path).bottleneck_adapter, BottleneckAdapter)
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2, make_bert], ids=["llama", "gpt2", "bert"])
+def test_step_zero_is_the_base_model_and_up_changes_it(make: Callable[[], nn.Module]) -> None:
+    base = make()
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig.create("houlsby", reduction_factor=4))
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=0)
+        perturb_up(model)
+        assert (logits(model, x) - logits(base, x)).abs().max() > 1e-4
+
+
+def test_adapter_follows_the_sublayer_output() -> None:
+    """h + up(act(down(h))) applied to the named sublayer's output, the rest of the model unchanged."""
+    base = make_plain()
+    model = copy.deepcopy(base)
+    assert inject(model, AdapterConfig.create("houlsby", target_modules=["block.2"], reduction_factor=4,
+                                              nonlinearity="tanh")) == ["block.2"]
+    perturb_up(model)
+    adapter = model.block[2].bottleneck_adapter
+    assert adapter.adapter_down.out_features == 4 and adapter.adapter_up.out_features == 16
+    x = token_batch()
+    with torch.no_grad():
+        h = base.embed(x)
+        h = h + base.conv(h.transpose(1, 2)).transpose(1, 2)
+        sub = base.block[2](base.block[1](base.block[0](h)))
+        sub = sub + adapter.adapter_up(torch.tanh(adapter.adapter_down(sub)))
+        expected = base.head((h + sub).mean(1))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_options_change_the_module() -> None:
+    shapes = {}
+    for factor in (4, 16):
+        model = make_llama()
+        inject(model, AdapterConfig.create("pfeiffer", reduction_factor=factor))
+        shapes[factor] = model.model.layers[0].mlp.down_proj.bottleneck_adapter.adapter_down.weight.shape
+    assert shapes == {4: (8, 32), 16: (2, 32)}
+
+    outputs = {}
+    for nonlinearity, cls in (("relu", nn.ReLU), ("gelu", nn.GELU), ("tanh", nn.Tanh), ("silu", nn.SiLU)):
+        model = make_llama()
+        inject(model, AdapterConfig.create("pfeiffer", reduction_factor=4, nonlinearity=nonlinearity))
+        assert all(type(a.activation) is cls for a in adapters(model).values())
+        torch.manual_seed(0)
+        with torch.no_grad():  # same weights in every model, only the activation differs
+            for adapter in adapters(model).values():
+                adapter.adapter_down.weight.normal_(std=1.0)
+        perturb_up(model)
+        with torch.no_grad():
+            outputs[nonlinearity] = logits(model, token_batch())
+    assert not torch.allclose(outputs["relu"], outputs["gelu"], atol=1e-4)
+    assert not torch.allclose(outputs["relu"], outputs["tanh"], atol=1e-4)
+
+
+def test_plain_module_needs_target_modules() -> None:
+    model = make_plain()
+    with pytest.raises(ConfigError, match="Could not locate sublayers for 'houlsby' in PlainNet"):
+        inject(model, AdapterConfig.create("houlsby"))
+    with pytest.raises(ConfigError, match=r"cannot adapt: block\.1 \(ReLU\)"):
+        inject(model, AdapterConfig.create("houlsby", target_modules=["block.1"]))
+    assert not adapters(model)
+
+
+def test_only_adapter_parameters_train() -> None:
+    model = make_gpt2()
+    inject(model, AdapterConfig.create("houlsby"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".bottleneck_adapter.adapter_" in n for n in trainable)
+    assert len(trainable) == 4 * 4  # 4 adapters x (down, up) x (weight, bias)
+
+
+def test_merge_and_merged_export_refer_to_save_adapter(tmp_path: Path) -> None:
+    model = make_llama()
+    inject(model, AdapterConfig.create("houlsby"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for action in (merge, unmerge, lambda m: unload(m, merge=True)):
+        with pytest.raises(MergeError, match=r"'houlsby' adapters are inserted modules.*save_adapter"):
+            action(model)
+    for action in (merged_state_dict, lambda m: export_merged(m, tmp_path / "merged")):
+        with pytest.raises(ConfigError, match=r"cannot be merged.*save_adapter"):
+            action(model)
+    assert not (tmp_path / "merged").exists()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert len(adapters(model)) == 4
+
+
+@pytest.mark.parametrize("make,method", [(make_llama, "houlsby"), (make_gpt2, "pfeiffer"), (make_bert, "houlsby")],
+                         ids=["llama-houlsby", "gpt2-pfeiffer", "bert-houlsby"])
+def test_save_load_round_trip_on_a_fresh_base(tmp_path: Path, make: Callable[[], nn.Module], method: str) -> None:
+    model = make()
+    inject(model, AdapterConfig.create(method, reduction_factor=8, nonlinearity="gelu"))
+    perturb_up(model, seed=3)
+    save_adapter(model, tmp_path / "adapter")
+    data = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert data["method"] == method and data["nonlinearity"] == "gelu" and data["reduction_factor"] == 8
+
+    fresh = make()
+    assert sorted(load_adapter(fresh, tmp_path / "adapter")) == sorted(adapters(model))
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(fresh, x), logits(model, x), rtol=0, atol=0)
+    saved, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert all(p.requires_grad == (".bottleneck_adapter." in n) for n, p in fresh.named_parameters())
+
+
+def test_plain_module_round_trip(tmp_path: Path) -> None:
+    model = make_plain()
+    inject(model, AdapterConfig.create("pfeiffer", target_modules=["block.0", "head"], reduction_factor=2))
+    perturb_up(model, seed=4)
+    save_adapter(model, tmp_path / "a")
+    fresh = make_plain()
+    load_adapter(fresh, tmp_path / "a")
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_disable_adapters_gives_the_base_output() -> None:
+    base = make_gpt2()
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig.create("houlsby"))
+    perturb_up(model)
+    x = token_batch()
+    with torch.no_grad():
+        adapted = logits(model, x)
+        with disable_adapters(model):
+            torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=0)
+        torch.testing.assert_close(logits(model, x), adapted, rtol=0, atol=0)
+
+
+def test_unload_removes_adapters_and_hooks() -> None:
+    base = make_llama()
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig.create("houlsby"))
+    perturb_up(model)
+    hooked = [m for m in model.modules() if m._forward_hooks]
+    assert len(hooked) == 4
+    assert unload(model) is model
+    assert not adapters(model)
+    assert not any(name.endswith("bottleneck_adapter") for name, _ in model.named_modules())
+    assert all(not m._forward_hooks for m in hooked)
+    assert model.state_dict().keys() == base.state_dict().keys()
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=0)
+    inject(model, AdapterConfig.create("pfeiffer"))  # a fresh injection works after unload
+    assert len(adapters(model)) == 2
+
+
+def test_inject_twice_is_refused() -> None:
+    model = make_gpt2()
+    inject(model, AdapterConfig.create("houlsby"))
+    with pytest.raises(ConfigError, match="already has 'houlsby' adapters; call unload"):
+        inject(model, AdapterConfig.create("pfeiffer"))
+    assert len(adapters(model)) == 4
+
+
+def test_adapter_computes_in_its_own_dtype() -> None:
+    """A bfloat16 sublayer output goes through the float32 adapter and comes back as bfloat16."""
+    model = make_plain()
+    inject(model, AdapterConfig.create("houlsby", target_modules=["head"]))
+    adapter = model.head.bottleneck_adapter
+    h = torch.randn(3, 4).to(torch.bfloat16)
+    out = adapter(h)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, h, rtol=0, atol=0)  # up is zero

@@ -1,0 +1,193 @@
+"""DoRA against PEFT as the oracle: same A, B and magnitude give the same outputs and gradients."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import pytest
+import torch
+from conftest import VOCAB, make_bert, make_gpt2, make_llama
+from peft_oracle import PEFT_WARNINGS, adapter_grads, logits, ours_to_peft, peft_model, randomize_adapters, square_loss
+from torch import Tensor, nn
+
+from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.methods.dora import DoRALinear
+from lightning_lora.surgery import adapters, inject
+
+
+pytestmark = [pytest.mark.filterwarnings(w) for w in PEFT_WARNINGS]
+
+
+def token_batch() -> Tensor:
+    return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+CASES: list[tuple[str, Callable[[], nn.Module], dict[str, Any]]] = [
+    ("llama-linear", make_llama, {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4, "alpha": 8.0}),
+    ("gpt2-conv1d-bias", make_gpt2, {"target_modules": ["c_attn", "c_fc"], "r": 4, "alpha": 4.0}),
+    ("bert-linear-bias", make_bert, {"target_modules": ["query", "value", "output.dense"], "r": 2, "alpha": 4.0}),
+    ("rslora-patterns", make_llama, {"target_modules": ["k_proj", "up_proj"], "r": 4, "alpha": 8.0,
+                                     "use_rslora": True, "rank_pattern": {"up_proj": 2}}),
+]
+IDS = [c[0] for c in CASES]
+PARAMS = [c[1:] for c in CASES]
+
+
+def peft_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Our DoRA options in ``peft.LoraConfig``'s names."""
+    renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+    return {"use_dora": True, **{renamed.get(k, k): v for k, v in options.items()}}
+
+
+def build_pair(make: Callable[[], nn.Module], options: dict[str, Any]) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(base, ours, PEFT's): our random A, B and magnitude copied into PEFT's DoRA layers."""
+    base = make()
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("dora", **options))
+    randomize_adapters(ours, seed=11)
+    theirs = peft_model(base, **peft_options(options))
+    ours_to_peft(ours, theirs)
+    return base, ours, theirs
+
+
+def outputs(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits and last hidden state together (BERT's classifier logits alone are too small to compare)."""
+    out = model(x, output_hidden_states=True)
+    return torch.cat([out.logits.flatten(), out.hidden_states[-1].flatten()])
+
+
+@pytest.mark.parametrize("make,options", PARAMS, ids=IDS)
+def test_same_output_as_peft(make: Callable[[], nn.Module], options: dict[str, Any]) -> None:
+    base, ours, theirs = build_pair(make, options)
+    x = token_batch()
+    with torch.no_grad():
+        got, expected, base_out = outputs(ours, x), outputs(theirs, x), outputs(base, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - base_out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("make,options", PARAMS, ids=IDS)
+def test_same_gradients_as_peft(make: Callable[[], nn.Module], options: dict[str, Any]) -> None:
+    """Magnitude, A and B gradients agree with PEFT, which treats the weight norm as a constant."""
+    _, ours, theirs = build_pair(make, options)
+    x = token_batch()
+    square_loss(outputs(ours, x)).backward()
+    square_loss(outputs(theirs, x)).backward()
+    names = set()
+    for key, mine, reference in adapter_grads(ours, theirs):
+        names.add(key.rsplit(".", 2)[-2] if key.endswith(".weight") else key.rsplit(".", 1)[-1])
+        assert mine is not None and reference is not None, key
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5, msg=key)
+    assert names == {"lora_A", "lora_B", "lora_magnitude_vector"}
+
+
+@pytest.mark.parametrize("make,options", PARAMS, ids=IDS)
+def test_default_init_starts_as_the_base_model(make: Callable[[], nn.Module], options: dict[str, Any]) -> None:
+    base = make()
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("dora", **options))
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(ours, x), outputs(base, x), rtol=1e-5, atol=1e-5)
+
+
+def test_magnitude_starts_as_the_column_norm_like_peft() -> None:
+    """With init_weights=False (B != 0) the magnitude is ||W0 + s B A|| per output unit, as PEFT initializes it."""
+    base = make_gpt2()
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("dora", target_modules=["c_attn"], r=4, alpha=4.0, init_weights=False))
+    theirs = peft_model(base, target_modules=["c_attn"], r=4, lora_alpha=4.0, use_dora=True)
+    layer = ours.transformer.h[0].attn.c_attn
+    peft_layer = theirs.base_model.model.transformer.h[0].attn.c_attn
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+        peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+        peft_layer.lora_magnitude_vector["default"].update_layer(
+            base_layer=peft_layer.get_base_layer(), lora_A=layer.lora_A.weight, lora_B=layer.lora_B.weight,
+            scaling=layer.scaling)
+    expected = peft_layer.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(layer.lora_magnitude_vector.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,r,fan_in_fan_out", [((12, 20), 3, False), ((20, 12), 5, True), ((7, 7), 1, False)])
+def test_column_norm_equals_the_full_weight_norm(shape: tuple[int, int], r: int, fan_in_fan_out: bool) -> None:
+    """The factored norm ||W0||^2 + 2 s <B, W0 A^T> + s^2 B (A A^T) B^T equals the norm of the built weight."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(r)
+    out_features, in_features = shape
+    base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(in_features, out_features)
+    nn.init.normal_(base.weight)
+    holder = nn.Sequential(base)
+    inject(holder, AdapterConfig.create("dora", target_modules=["0"], r=r, alpha=3.0, init_weights=False))
+    layer = holder[0]
+    w = layer.weight.T if fan_in_fan_out else layer.weight
+    full = w + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    torch.testing.assert_close(layer.column_norm(), torch.linalg.norm(full, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_norm_is_detached_from_the_graph() -> None:
+    """Gradients equal those of m * (W0 + s B A) x / c with c a constant, and differ from an attached norm."""
+    torch.manual_seed(0)
+    holder = nn.Sequential(nn.Linear(10, 6))
+    inject(holder, AdapterConfig.create("dora", target_modules=["0"], r=3, alpha=3.0, init_weights=False))
+    layer = holder[0]
+    randomize_adapters(holder, seed=2, scale=0.5)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
+    loss_weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
+    (holder(x) * loss_weights).sum().backward()
+    ours = [layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad]
+
+    def reference(detach: bool) -> list[Tensor]:
+        a = layer.lora_A.weight.detach().clone().requires_grad_()
+        b = layer.lora_B.weight.detach().clone().requires_grad_()
+        m = layer.lora_magnitude_vector.detach().clone().requires_grad_()
+        v = layer.weight.detach() + layer.scaling * b @ a
+        norm = torch.linalg.norm(v, dim=1)
+        norm = norm.detach() if detach else norm
+        out = x @ ((m / norm).unsqueeze(1) * v).T + layer.bias.detach()
+        return list(torch.autograd.grad((out * loss_weights).sum(), [a, b, m]))
+
+    for mine, expected in zip(ours, reference(detach=True)):
+        torch.testing.assert_close(mine, expected, rtol=1e-4, atol=1e-6)
+    attached = reference(detach=False)
+    assert not torch.allclose(ours[1], attached[1], rtol=1e-3, atol=1e-5)
+
+
+def test_dropout_in_train_mode_matches_peft() -> None:
+    """With dropout, PEFT rescales the dropped-out input's base projection; we do the same with the same mask."""
+    options = {"target_modules": ["q_proj", "o_proj"], "r": 4, "alpha": 8.0, "dropout": 0.3}
+    _, ours, theirs = build_pair(make_llama, options)
+    ours.train(), theirs.train()
+    x = token_batch()
+    with torch.no_grad():
+        torch.manual_seed(9)
+        got = logits(ours, x)
+        torch.manual_seed(9)
+        expected = logits(theirs, x)
+        ours.eval()
+        eval_out = logits(ours, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - eval_out).abs().max() > 1e-4
+
+
+def test_dora_layer_state_names_follow_peft() -> None:
+    model = make_llama()
+    inject(model, AdapterConfig.create("dora", target_modules=["q_proj"], r=2))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, DoRALinear)
+    assert set(layer.adapter_tensors()) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+    assert layer.lora_magnitude_vector.shape == (32,)
+    assert all(p.requires_grad for p in layer.adapter_parameters()) and not layer.weight.requires_grad
+    assert len(adapters(model)) == 2
+
+
+def test_dora_refuses_embeddings_and_convolutions() -> None:
+    from conftest import make_plain
+
+    for target in ("embed", "conv"):
+        model = make_plain()
+        with pytest.raises(ConfigError, match=f"'dora' cannot adapt: {target}"):
+            inject(model, AdapterConfig.create("dora", target_modules=[target]))
+        assert not adapters(model)
