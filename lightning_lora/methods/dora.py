@@ -54,8 +54,10 @@ class DoRALinear(LoRALinear):
             base_no_bias = F.linear(x_in.to(dtype), self.base_weight().to(dtype))
         after_a = F.linear(x_in.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
         lora_out = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype) * self.scaling
-        # scale - 1 is taken in float32: rounding m / ||W|| to bfloat16 first would lose most of it
-        return base_out + (scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out
+        # scale - 1 is taken in float32 (rounding m / ||W|| to bfloat16 first would lose most of it), and the two small
+        # terms are summed before the large base output: added one by one in bfloat16, a magnitude change below ~0.3%
+        # would round away entirely.
+        return base_out + ((scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out)
 
     def delta_weight(self) -> Tensor:
         lora = self.lora_weight() * self.scaling

@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import VOCAB, make_bert, make_gpt2, make_llama
 from peft_oracle import PEFT_WARNINGS, adapter_grads, logits, ours_to_peft, peft_model, randomize_adapters, square_loss
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
+from lightning_lora.surgery import inject
 from lightning_lora.methods.dora import DoRALinear
 from lightning_lora.surgery import adapters, inject
 
@@ -191,3 +193,25 @@ def test_dora_refuses_embeddings_and_convolutions() -> None:
         with pytest.raises(ConfigError, match=f"'dora' cannot adapt: {target}"):
             inject(model, AdapterConfig.create("dora", target_modules=[target]))
         assert not adapters(model)
+
+
+def test_small_magnitude_changes_reach_a_bfloat16_output() -> None:
+    """In bfloat16, (m/||W|| - 1) W x is far below the spacing of W x; added to W x on its own it rounds away. Summed
+    with the LoRA term first, the change survives in expectation (the LoRA term dithers the rounding)."""
+    torch.manual_seed(0)
+    base = nn.Linear(512, 512, bias=False, dtype=torch.bfloat16)
+    nn.init.normal_(base.weight, std=0.02)
+    model = nn.Sequential(base)
+    inject(model, LoRAConfig(method="dora", r=16, alpha=32, target_modules=["0"]))
+    dora = model[0]
+    x = torch.randn(512, 512, dtype=torch.bfloat16)
+    eps = 1e-3
+    with torch.no_grad():
+        dora.lora_B.weight.normal_(std=1e-3)  # about the size a few training steps give
+        dora.lora_magnitude_vector.copy_(dora.column_norm())
+        plain = F.linear(x, dora.weight).float()
+        before = model(x).float()
+        dora.lora_magnitude_vector.mul_(1 + eps)
+        after = model(x).float()
+    share = ((after - before) * plain).sum() / (eps * (plain * plain).sum())
+    assert share > 0.5, f"only {share:.2f} of a {eps:.1%} magnitude change reached the output"
