@@ -452,3 +452,13 @@ def test_written_tensors_are_plain_safetensors(tmp_path: Path) -> None:
     ours = adapter_state_dict(model)
     assert {k[len("base_model.model."):] for k in saved} == set(ours)
     assert all(torch.equal(saved["base_model.model." + k], v) for k, v in ours.items())
+
+
+def test_fingerprint_of_tensors_beyond_float32_index_precision() -> None:
+    """Indexes past 2**24 are not exact in float32; the sampler must stay in bounds and reach the last element."""
+    from lightning_lora.methods.base import weight_sample
+
+    big = torch.zeros(28_311_552)  # SmolLM2's embedding: 49,152 x 576
+    big[-1] = 1.0
+    sample = weight_sample(big)
+    assert sample.shape == (16,) and sample[-1] == 1.0

@@ -33,7 +33,10 @@ FINGERPRINT_SAMPLES = 16
 
 def _sampled(weight: Tensor, samples: int) -> Tensor:
     flat = weight.detach().reshape(-1)
-    return flat[torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()]
+    count = min(samples, flat.numel())
+    # integer arithmetic: a float32 linspace rounds the last index past the end of tensors over 2**24 elements
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+    return flat[index]
 
 
 def _is_plain(weight: Tensor) -> bool:
