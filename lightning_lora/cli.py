@@ -4,6 +4,7 @@ YAML (``class_path``/``init_args``) or on the command line (``--trainer.callback
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from pytorch_lightning.cli import LightningCLI
@@ -14,8 +15,14 @@ class LoRACLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> Optional[LoRACLI]:
-    """Run the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    """Run the CLI; ``args`` defaults to ``sys.argv[1:]``.
+
+    Class paths resolve from the working directory as with ``python -m lightning_lora`` (a console script does not
+    put it on ``sys.path``), so ``lightning-lora fit --config examples/configs/...`` works from a checkout.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub at run time
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return LoRACLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -44,6 +44,10 @@ def atomic_directory(target: PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in (staging, *staging.rglob("*")):  # mkdtemp makes it owner-only; exports are for sharing
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -260,11 +264,12 @@ def _gguf_loaded_savable(model: nn.Module) -> Iterator[None]:
             config.quantization_config = qconfig
 
 
-def export_merged(model: nn.Module, directory: PathLike) -> Path:
+def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> Path:
     """Write ``model`` with its adapters merged, without changing ``model``.
 
-    A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``); any
-    other module as ``model.safetensors`` holding its merged state dict. The directory is replaced atomically.
+    A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
+    ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
+    ``model.safetensors`` holding its merged state dict. The directory is replaced atomically.
     """
     state = merged_state_dict(model)
     from transformers import PreTrainedModel
@@ -273,6 +278,8 @@ def export_merged(model: nn.Module, directory: PathLike) -> Path:
         if isinstance(model, PreTrainedModel):
             with _gguf_loaded_savable(model):
                 model.save_pretrained(staging, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
         else:
             contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(_untie(contiguous), str(staging / MERGED_WEIGHTS), metadata={"format": "pt"})

@@ -72,3 +72,13 @@ def test_console_script_and_module_entry_points() -> None:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--trainer.callbacks" in result.stdout
+
+
+def test_console_script_imports_class_paths_from_the_working_directory() -> None:
+    """As ``python -m`` does: ``lightning-lora fit --config examples/configs/...`` from a checkout finds ``examples``."""
+    root = TESTS.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(["lightning-lora", "fit", "--config", "examples/configs/smollm2_lora.yaml", "--print_config"],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class_path: examples.chat.ChatModule" in result.stdout

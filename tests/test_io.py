@@ -462,3 +462,19 @@ def test_fingerprint_of_tensors_beyond_float32_index_precision() -> None:
     big[-1] = 1.0
     sample = weight_sample(big)
     assert sample.shape == (16,) and sample[-1] == 1.0
+
+
+def test_exports_are_readable_by_others(tmp_path: Path) -> None:
+    """Staging directories are made owner-only by mkdtemp; an export must not stay that way."""
+    import os
+    import stat
+
+    model = make_llama()
+    inject(model, AdapterConfig.create("lora", r=2, target_modules=["q_proj"]))
+    umask = os.umask(0o022)
+    try:
+        for directory in (save_adapter(model, tmp_path / "adapter"), export_merged(model, tmp_path / "merged")):
+            for path in (directory, *directory.iterdir()):
+                assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
+    finally:
+        os.umask(umask)

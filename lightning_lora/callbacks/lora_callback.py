@@ -53,7 +53,8 @@ class LoRACallback(Callback):
         model_attr: dotted path of the module to adapt inside the LightningModule. None finds the one Hugging Face
             ``PreTrainedModel`` in it, else adapts the LightningModule itself.
         export_dir: where exports go; None is ``<trainer.log_dir or default_root_dir>/lightning_lora``.
-        export_merged: also write the merged model. None means yes for methods that can merge.
+        export_merged: also write the merged model (with the LightningModule's ``tokenizer``, if it has one, so the
+            directory is a standalone model). None means yes for methods that can merge.
         export_on_checkpoint: export at every checkpoint too (into ``export_dir/step-<N>``), not only at fit end.
         seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
             None uses ``torch.initial_seed()`` (what ``seed_everything`` sets), so every rank and strategy agree.
@@ -268,7 +269,9 @@ class LoRACallback(Callback):
         if trainer.is_global_zero:
             self.adapter_dir = save_adapter(self.model, directory / "adapter")
             if self.export_merged:
-                self.merged_dir = export_merged(self.model, directory / "merged")
+                tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
+                tokenizer = tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
+                self.merged_dir = export_merged(self.model, directory / "merged", tokenizer=tokenizer)
         trainer.strategy.barrier("lightning_lora_export")
 
     @override
