@@ -3,8 +3,8 @@
 The core (config, targeting, methods, surgery, io) works on any ``nn.Module``; ``LoRACallback`` is the Lightning glue.
 """
 
-from lightning_lora.config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
-from lightning_lora.io import (
+from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
+from .io import (
     AdapterFileError,
     base_fingerprint,
     export_merged,
@@ -12,8 +12,8 @@ from lightning_lora.io import (
     merged_state_dict,
     save_adapter,
 )
-from lightning_lora.methods.base import MergeError
-from lightning_lora.surgery import (
+from .methods.base import MergeError
+from .surgery import (
     adapter_state_dict,
     adapters,
     disable_adapters,
@@ -53,7 +53,7 @@ __all__ = [
 def __getattr__(name: str):
     # The callback imports Lightning; keep ``import lightning_lora`` light for core-only users.
     if name == "LoRACallback":
-        from lightning_lora.callbacks import LoRACallback
+        from .callbacks import LoRACallback
 
         return LoRACallback
     raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")

@@ -19,9 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
-from lightning_lora.methods.base import InsertedAdapter, WeightAdapter, weight_sample
-from lightning_lora.surgery import adapter_state_dict, adapters, attach, injected_config, prepare
+from .config import AdapterConfig, ConfigError, LoRAConfig
+from .methods.base import InsertedAdapter, WeightAdapter, weight_sample
+from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -13,8 +13,8 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.methods.base import (
+from .config import AdapterConfig, ConfigError
+from .methods.base import (
     LINEAR_TYPES,
     AdapterModule,
     InsertedAdapter,
@@ -22,7 +22,7 @@ from lightning_lora.methods.base import (
     WeightAdapter,
     method_spec,
 )
-from lightning_lora.targeting import resolve_targets
+from .targeting import resolve_targets
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from lightning_lora.config import AdapterConfig, ConfigError, TargetSpec
+from .config import AdapterConfig, ConfigError, TargetSpec
 
 ALL_LINEAR = "all-linear"
 

@@ -52,7 +52,7 @@ def test_checkpoint_holds_only_the_adapter(tmp_path: Path) -> None:
     module = TinyLlamaModule()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, [lora(), checkpoint]).fit(module, TokensDataModule())
-    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
     assert set(saved["state_dict"]) == {f"model.{k}" for k in ll.adapter_state_dict(module.model)}
     assert saved["lightning_lora"]["method"] == "lora"
     assert saved["lightning_lora"]["base_fingerprint"] == ll.base_fingerprint(module.model)
@@ -98,7 +98,7 @@ def test_resume_with_other_options_or_base_is_an_error(tmp_path: Path) -> None:
 def test_resume_reports_real_key_mismatches(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, [lora(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
-    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
     saved["state_dict"]["model.not_a_parameter"] = torch.zeros(1)
     del saved["state_dict"]["model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     broken = tmp_path / "broken.ckpt"

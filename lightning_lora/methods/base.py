@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.config import AdapterConfig
+from ..config import AdapterConfig
 
 try:  # transformers' GPT-2 style layer: weight stored as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -240,6 +240,6 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 def method_spec(name: str) -> MethodSpec:
-    import lightning_lora.methods  # noqa: F401  (importing the package registers every method)
+    from .. import methods  # noqa: F401  (importing the package registers every method)
 
     return METHODS[name]

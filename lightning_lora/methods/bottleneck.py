@@ -11,8 +11,8 @@ import re
 
 from torch import Tensor, nn
 
-from lightning_lora.config import BottleneckConfig, ConfigError
-from lightning_lora.methods.base import Conv1D, InsertedAdapter, MethodSpec, register
+from ..config import BottleneckConfig, ConfigError
+from .base import Conv1D, InsertedAdapter, MethodSpec, register
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.config import LoRAConfig
-from lightning_lora.methods.base import LINEAR_TYPES, MethodSpec, WeightAdapter, register
-from lightning_lora.methods.lora import LoRALinear, check_rank, rank_and_alpha
+from ..config import LoRAConfig
+from .base import LINEAR_TYPES, MethodSpec, WeightAdapter, register
+from .lora import LoRALinear, check_rank, rank_and_alpha
 
 
 class DoRALinear(LoRALinear):

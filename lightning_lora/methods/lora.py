@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lora.config import ConfigError, LoRAConfig
-from lightning_lora.methods.base import CONV_TYPES, LINEAR_TYPES, Conv1D, MethodSpec, WeightAdapter, register
-from lightning_lora.targeting import pattern_value
+from ..config import ConfigError, LoRAConfig
+from .base import CONV_TYPES, LINEAR_TYPES, Conv1D, MethodSpec, WeightAdapter, register
+from ..targeting import pattern_value
 
 
 def layer_dims(base: nn.Module) -> tuple[int, int]:
