@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
+
 import os
 import statistics
 import sys

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from .config import AdapterConfig, ConfigError
 from .methods.base import (
     LINEAR_TYPES,
-    AdapterModule,
     InsertedAdapter,
     MergeError,
     WeightAdapter,

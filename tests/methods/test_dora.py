@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
 from lightning_lora.surgery import inject
 from lightning_lora.methods.dora import DoRALinear
-from lightning_lora.surgery import adapters, inject
+from lightning_lora.surgery import adapters
 
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in PEFT_WARNINGS]
