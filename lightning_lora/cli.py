@@ -14,8 +14,8 @@ class LoRACLI(LightningCLI):
     """``LightningCLI`` in subclass mode: any LightningModule and LightningDataModule by ``class_path``."""
 
 
-def main(args: Optional[list[str]] = None) -> Optional[LoRACLI]:
-    """Run the CLI; ``args`` defaults to ``sys.argv[1:]``.
+def build_cli(args: Optional[list[str]] = None) -> LoRACLI:
+    """Parse ``args`` (default ``sys.argv[1:]``), build everything and run the subcommand; returns the CLI object.
 
     Class paths resolve from the working directory as with ``python -m lightning_lora`` (a console script does not
     put it on ``sys.path``), so ``lightning-lora fit --config examples/configs/...`` works from a checkout.
@@ -30,3 +30,8 @@ def main(args: Optional[list[str]] = None) -> Optional[LoRACLI]:
         args=args,
         auto_configure_optimizers=False,
     )
+
+
+def main() -> None:
+    """The ``lightning-lora`` console script. Returns None: its wrapper exits with ``sys.exit(main())``."""
+    build_cli()

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import lightning_lora as ll
-from lightning_lora.cli import main
+from lightning_lora.cli import build_cli
 
 TESTS = Path(__file__).parent
 
 
 def run_cli(args: list[str]):
-    return main(["fit", "--model=tiny_modules.TinyLlamaModule", "--data=tiny_modules.TokensDataModule",
+    return build_cli(["fit", "--model=tiny_modules.TinyLlamaModule", "--data=tiny_modules.TokensDataModule",
                  "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
                  *args])
 
@@ -72,6 +72,18 @@ def test_console_script_and_module_entry_points() -> None:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--trainer.callbacks" in result.stdout
+
+
+def test_console_script_exits_zero_after_a_run(tmp_path: Path) -> None:
+    """The script's wrapper calls sys.exit(main()): main must not return the CLI object (that exits with 1)."""
+    result = subprocess.run(
+        ["lightning-lora", "fit", "--model=tiny_modules.TinyLlamaModule", "--data=tiny_modules.TokensDataModule",
+         "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=lightning_lora.LoRACallback",
+         "--trainer.callbacks.r=2"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(TESTS)}, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_console_script_imports_class_paths_from_the_working_directory() -> None:
