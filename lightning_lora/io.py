@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import AdapterConfig, ConfigError, LoRAConfig
-from .methods.base import InsertedAdapter, WeightAdapter, weight_sample
-from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare
+from .methods.base import MergeError, WeightAdapter, weight_sample
+from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare, weight_adapters
 
 PathLike = Union[str, os.PathLike]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -222,21 +222,18 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
 
 # -- merged export -------------------------------------------------------------------------------------------------
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The base state dict with every update folded in, computed out of place: the model is not changed."""
-    found = adapters(model)
-    inserted = [a for a in found.values() if isinstance(a, InsertedAdapter)]
-    if inserted:
-        raise ConfigError(
-            f"{injected_config(model).method!r} adapters are inserted modules and cannot be merged into the base "
-            "weights; export the adapter with save_adapter(...) (or LoRACallback(export_merged=False)) instead."
-        )
+    """The base state dict with every update folded in, computed out of place: the model is not changed.
+
+    Raises ``MergeError`` for inserted adapters and for updates that would put inf/NaN into a weight."""
+    layers = {id(layer) for layer in weight_adapters(model, "merge")}
     state = base_state_dict(model)
-    for path, layer in found.items():
-        key = f"{path}.weight" if path else "weight"
+    for path, layer in adapters(model).items():
+        if id(layer) not in layers:
+            continue
         merged = layer.merged_weight()
         if not torch.isfinite(merged).all():
-            raise ConfigError(f"Merging {path} gives inf/NaN; the adapter has diverged, so no merged model was written.")
-        state[key] = merged
+            raise MergeError(f"Merging {path} gives inf/NaN; the adapter has diverged, so no merged model was written.")
+        state[f"{path}.weight" if path else "weight"] = merged
     return state
 
 

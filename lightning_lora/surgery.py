@@ -111,20 +111,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             for path, adapter in adapters(model).items() for name, t in adapter.adapter_tensors().items()}
 
 
-def _weight_adapters(model: nn.Module, action: str) -> list[WeightAdapter]:
+def weight_adapters(model: nn.Module, action: str = "merge") -> list[WeightAdapter]:
+    """The model's weight-update adapters; a ``MergeError`` if it holds inserted adapters, which cannot ``action``."""
     found = adapters(model)
-    inserted = {type(a).__name__ for a in found.values() if isinstance(a, InsertedAdapter)}
-    if inserted:
+    if any(isinstance(a, InsertedAdapter) for a in found.values()):
         raise MergeError(
             f"{injected_config(model).method!r} adapters are inserted modules and cannot be {action}d into the base "
-            "weights; export the adapter with save_adapter(...) instead."
+            "weights; export the adapter with save_adapter(...) (or LoRACallback(export_merged=False)) instead."
         )
     return [a for a in found.values() if isinstance(a, WeightAdapter)]
 
 
 def merge(model: nn.Module, safe: bool = True) -> None:
     """Fold every adapter into its base weight. With ``safe``, nothing is merged if any result would be non-finite."""
-    layers = _weight_adapters(model, "merge")
+    layers = weight_adapters(model, "merge")
     if safe:
         for layer in layers:
             layer.check_mergeable()
@@ -137,7 +137,7 @@ merge_all = merge  # ``unload``'s ``merge`` argument shadows the function's name
 
 def unmerge(model: nn.Module) -> None:
     """Undo ``merge``: subtract each update from its base weight."""
-    for layer in _weight_adapters(model, "unmerge"):
+    for layer in weight_adapters(model, "unmerge"):
         layer.unmerge()
 
 

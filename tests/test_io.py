@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import lightning_lora.io as io_module
 from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.methods.base import MergeError
 from lightning_lora.io import (
     AdapterFileError,
     base_fingerprint,
@@ -271,7 +272,7 @@ def test_merged_export_refuses_non_finite(tmp_path: Path) -> None:
     model = adapted(make_plain, "lora", target_modules=["head"], r=2)
     with torch.no_grad():
         model.head.lora_B.weight[0, 0] = float("inf")
-    with pytest.raises(ConfigError, match="inf/NaN"):
+    with pytest.raises(MergeError, match="inf/NaN"):
         export_merged(model, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 

@@ -216,9 +216,6 @@ class InsertedAdapter(nn.Module):
         return self.parameters()
 
 
-AdapterModule = (WeightAdapter, InsertedAdapter)
-
-
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """How one method plugs into surgery: which layers it can adapt, how to build its adapter for one of them, and
