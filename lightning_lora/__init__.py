@@ -4,14 +4,9 @@ The core (config, targeting, methods, surgery, io) works on any ``nn.Module``; `
 """
 
 from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
-from .io import (
-    AdapterFileError,
-    base_fingerprint,
-    export_merged,
-    load_adapter,
-    merged_state_dict,
-    save_adapter,
-)
+from .export import export_merged, merged_state_dict
+from .fingerprint import base_fingerprint
+from .io import AdapterFileError, load_adapter, save_adapter
 from .methods.base import MergeError
 from .surgery import (
     adapter_state_dict,

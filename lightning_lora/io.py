@@ -1,93 +1,32 @@
-"""Adapter files (safetensors + JSON, PEFT's layout), merged exports, base fingerprints and atomic writes.
+"""Adapter files: safetensors + JSON in PEFT's layout, saved and loaded all or nothing.
 
 Nothing here unpickles: tensors come from safetensors, settings from JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import PathLike, atomic_directory, write_json
 from .config import AdapterConfig, ConfigError, LoRAConfig
-from .methods.base import MergeError, WeightAdapter, weight_sample
-from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare, weight_adapters
+from .fingerprint import base_fingerprint
+from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare
 
-PathLike = Union[str, os.PathLike]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-MERGED_WEIGHTS = "model.safetensors"
 PEFT_PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lightning_lora.base_fingerprint"
 
 
 class AdapterFileError(ValueError):
     """An adapter file that cannot be used with this model; the model is unchanged."""
-
-
-# -- atomic writes -------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(target: PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target`` that replaces ``target`` only if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (staging, *staging.rglob("*")):  # mkdtemp makes it owner-only; exports are for sharing
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-# -- which base an adapter belongs to ------------------------------------------------------------------------------
-def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """``model``'s state dict without adapter tensors: the base as it was before injection."""
-    adapter_keys = set(adapter_state_dict(model))
-    return {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
-
-
-@torch.no_grad()
-def base_fingerprint(model: nn.Module, samples: int = 16) -> str:
-    """A short hash of the base weights' names, shapes and a few values each.
-
-    Values are rounded to bfloat16 so that a dtype cast does not change the fingerprint, and sampled so that a 1B
-    model is fingerprinted in milliseconds. Adapted layers report their base weight without the update, exactly as it
-    was before merging (``WeightAdapter.base_weight_sample``), so merging does not change the fingerprint.
-    """
-    digest = hashlib.sha256()
-    layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items() if isinstance(a, WeightAdapter)}
-    for key, tensor in sorted(base_state_dict(model).items()):
-        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
-        if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.int64):
-            continue
-        sample = layers[key].base_weight_sample(samples) if key in layers else weight_sample(tensor, samples)
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 # -- PEFT naming ---------------------------------------------------------------------------------------------------
@@ -220,75 +159,3 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
     return attach(model, prepared)
 
 
-# -- merged export -------------------------------------------------------------------------------------------------
-def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The base state dict with every update folded in, computed out of place: the model is not changed.
-
-    Raises ``MergeError`` for inserted adapters and for updates that would put inf/NaN into a weight."""
-    layers = {id(layer) for layer in weight_adapters(model, "merge")}
-    state = base_state_dict(model)
-    for path, layer in adapters(model).items():
-        if id(layer) not in layers:
-            continue
-        merged = layer.merged_weight()
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"Merging {path} gives inf/NaN; the adapter has diverged, so no merged model was written.")
-        state[f"{path}.weight" if path else "weight"] = merged
-    return state
-
-
-@contextlib.contextmanager
-def _gguf_loaded_savable(model: nn.Module) -> Iterator[None]:
-    """transformers refuses to save a model loaded from GGUF although its weights are already dequantized floats;
-    lift that marker for the duration of the save only."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    config = getattr(model, "config", None)
-    qconfig = getattr(config, "quantization_config", None)
-    is_gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
-    is_gguf = is_gguf or (quantizer is None and qconfig is not None and "gguf" in str(qconfig).lower())
-    if not is_gguf:
-        yield
-        return
-    had_qconfig = hasattr(config, "quantization_config")
-    model.hf_quantizer = None
-    if had_qconfig:
-        delattr(config, "quantization_config")
-    try:
-        yield
-    finally:
-        model.hf_quantizer = quantizer
-        if had_qconfig:
-            config.quantization_config = qconfig
-
-
-def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> Path:
-    """Write ``model`` with its adapters merged, without changing ``model``.
-
-    A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
-    ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
-    ``model.safetensors`` holding its merged state dict. The directory is replaced atomically.
-    """
-    state = merged_state_dict(model)
-    from transformers import PreTrainedModel
-
-    with atomic_directory(directory) as staging:
-        if isinstance(model, PreTrainedModel):
-            with _gguf_loaded_savable(model):
-                model.save_pretrained(staging, state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(staging)
-        else:
-            contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-            save_file(_untie(contiguous), str(staging / MERGED_WEIGHTS), metadata={"format": "pt"})
-    return Path(directory)
-
-
-def _untie(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """safetensors refuses tensors that share memory; a plain state dict keeps each tied copy under its own key."""
-    seen: dict[int, str] = {}
-    out = {}
-    for key, tensor in state.items():
-        ptr = tensor.data_ptr()
-        out[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor
-        seen.setdefault(ptr, key)
-    return out

@@ -111,6 +111,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
             for path, adapter in adapters(model).items() for name, t in adapter.adapter_tensors().items()}
 
 
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``model``'s state dict without adapter tensors: the base as it was before injection."""
+    adapter_keys = set(adapter_state_dict(model))
+    return {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
+
+
 def weight_adapters(model: nn.Module, action: str = "merge") -> list[WeightAdapter]:
     """The model's weight-update adapters; a ``MergeError`` if it holds inserted adapters, which cannot ``action``."""
     found = adapters(model)

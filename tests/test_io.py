@@ -16,18 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+import lightning_lora.export as export_module
 import lightning_lora.io as io_module
 from lightning_lora.config import AdapterConfig, ConfigError
 from lightning_lora.methods.base import MergeError
-from lightning_lora.io import (
-    AdapterFileError,
-    base_fingerprint,
-    export_merged,
-    load_adapter,
-    merged_state_dict,
-    read_adapter,
-    save_adapter,
-)
+from lightning_lora.export import export_merged, merged_state_dict
+from lightning_lora.fingerprint import base_fingerprint
+from lightning_lora.io import AdapterFileError, load_adapter, read_adapter, save_adapter
 from lightning_lora.surgery import adapter_state_dict, adapters, inject, merge, unmerge
 
 
@@ -428,7 +423,7 @@ def test_failed_write_keeps_the_old_directory(tmp_path: Path, monkeypatch: pytes
         Path(filename).write_bytes(b"partial")  # something is on disk when the failure hits
         raise OSError("disk full")
 
-    monkeypatch.setattr(io_module, "save_file", failing_save_file)
+    monkeypatch.setattr(io_module if writer == "save_adapter" else export_module, "save_file", failing_save_file)
     model = adapted(make_plain, "lora", target_modules=["head"], r=2)
     with pytest.raises(OSError, match="disk full"):
         (save_adapter if writer == "save_adapter" else export_merged)(model, target)

@@ -23,7 +23,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.io import base_fingerprint, export_merged, find_hf_model, save_adapter
+from lightning_lora.export import export_merged
+from lightning_lora.fingerprint import base_fingerprint
+from lightning_lora.io import find_hf_model, save_adapter
 from lightning_lora.methods.base import method_spec
 from lightning_lora.surgery import (
     adapter_parameters,

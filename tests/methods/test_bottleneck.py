@@ -14,7 +14,8 @@ from peft_oracle import logits
 from torch import Tensor, nn
 
 from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.io import export_merged, load_adapter, merged_state_dict, save_adapter
+from lightning_lora.export import export_merged, merged_state_dict
+from lightning_lora.io import load_adapter, save_adapter
 from lightning_lora.methods.base import MergeError
 from lightning_lora.methods.bottleneck import BottleneckAdapter
 from lightning_lora.surgery import adapter_state_dict, adapters, disable_adapters, inject, merge, unload, unmerge
