@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 TargetSpec = Union[str, list[str], None]
 
 NONLINEARITIES = ("relu", "gelu", "silu", "swish", "tanh")
+ALL_LINEAR = "all-linear"
 
 
 class ConfigError(ValueError):
@@ -25,6 +28,123 @@ class ConfigError(ValueError):
 def _closest(word: str, choices: list[str]) -> str:
     near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+
+
+# -- option checks: each names the option, what it got and what to write instead -----------------------------------
+def _got(value: Any) -> str:
+    hint = ""
+    if isinstance(value, str):
+        try:
+            float(value)
+            hint = " (a quoted number in YAML/JSON is a string: drop the quotes)"
+        except ValueError:
+            pass
+    return f"got {value!r} ({type(value).__name__}){hint}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(option: str, value: Any) -> int:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"{option} must be a positive integer such as 8, {_got(value)}.")
+    return value
+
+
+def _positive_real(option: str, value: Any) -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{option} must be a positive finite number such as 16, {_got(value)}.")
+    return value
+
+
+def _regex(option: str, pattern: str, hint: str = "") -> str:
+    """``pattern`` if it compiles; regexes are checked when the config is built, not when they first meet a model."""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(
+            f"{option}: {pattern!r} is not a valid regular expression ({err}). Escape special characters with a "
+            f"backslash (e.g. r'layers\\.0\\.q_proj'){hint}."
+        ) from None
+    return pattern
+
+
+def _target_spec(option: str, value: Any, allow_empty: bool) -> TargetSpec:
+    """A list of module names (names are literal, not regexes, as in PEFT) or one regex string, type-checked."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{option} is an empty string; give module names such as ['q_proj', 'v_proj'] or a regex.")
+        return value if value.lower() == ALL_LINEAR else _regex(option, value, ", or give a list of plain module names")
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ConfigError(
+            f"{option} must be a list of module names (e.g. ['q_proj', 'v_proj']) or one regex string, {_got(value)}."
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            nested = " (nested lists are not allowed)" if isinstance(item, (list, tuple)) else ""
+            raise ConfigError(
+                f"{option}[{i}] must be a non-empty module name string such as 'q_proj'{nested}, {_got(item)}."
+            )
+    names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    if not names and not allow_empty:
+        raise ConfigError(f"{option}=[] targets nothing; list module names such as ['q_proj', 'v_proj'] or use 'all-linear'.")
+    if any(n.lower() == ALL_LINEAR for n in names):
+        if len(names) > 1:
+            raise ConfigError(f"{option} mixes 'all-linear' with module names {names}; use one or the other.")
+        return ALL_LINEAR  # [all-linear] in YAML means the shorthand, not a module of that name
+    return names or None
+
+
+def _layer_indexes(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    items = [value] if _is_int(value) else value
+    if not isinstance(items, (list, tuple)) or not all(_is_int(i) for i in items):
+        raise ConfigError(
+            f"layers_to_transform must be a layer index or a list of them, such as [0, 1, 2], {_got(value)}."
+        )
+    if not items:
+        raise ConfigError("layers_to_transform=[] selects no layer; list layer indexes or leave it unset for all layers.")
+    if any(i < 0 for i in items):
+        raise ConfigError(f"layers_to_transform holds a negative index: {list(items)}. Layer indexes start at 0.")
+    return list(items)
+
+
+def _layers_pattern(value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) and p for p in items):
+        raise ConfigError(
+            f"layers_pattern must be the name of the module list that holds the layers (e.g. 'layers', or "
+            f"['layers', 'h']), {_got(value)}."
+        )
+    for pattern in items:
+        _regex("layers_pattern", pattern)
+    return value if isinstance(value, str) else list(items)
+
+
+def _pattern_map(option: str, value: Any, check_value: Any) -> dict[str, Any]:
+    """``rank_pattern``/``alpha_pattern``: module name or regex -> value, with both sides checked."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{option} must be a mapping from module name or regex to a value (e.g. {{'q_proj': 4}}), {_got(value)}."
+        )
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{option} keys must be module names or regexes (strings), {_got(key)}.")
+        out[_regex(f"{option} key", key)] = check_value(f"{option}[{key!r}]", item)
+    return out
 
 
 @dataclass
@@ -52,17 +172,15 @@ class AdapterConfig:
                 f"{type(self).__name__} does not implement method {self.method!r}; it implements "
                 f"{', '.join(self.METHODS)}."
             )
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (tuple, set)):
-                setattr(self, name, sorted(value) if isinstance(value, set) else list(value))
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, list)):
-                raise ConfigError(f"{name} must be a list of module names or a regex string, not {type(value).__name__}.")
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
-        if self.layers_to_transform is not None and any(i < 0 for i in self.layers_to_transform):
-            raise ConfigError(f"layers_to_transform holds a negative index: {self.layers_to_transform}.")
+        self.target_modules = _target_spec("target_modules", self.target_modules, allow_empty=False)
+        self.exclude_modules = _target_spec("exclude_modules", self.exclude_modules, allow_empty=True)
+        self.layers_to_transform = _layer_indexes(self.layers_to_transform)
+        self.layers_pattern = _layers_pattern(self.layers_pattern)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError(
+                f"layers_pattern={self.layers_pattern!r} does nothing without layers_to_transform; give the layer "
+                "indexes too (e.g. layers_to_transform=[0, 1]) or drop layers_pattern (PEFT refuses it as well)."
+            )
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -88,6 +206,11 @@ class AdapterConfig:
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "AdapterConfig":
         """Read our JSON form or PEFT's ``adapter_config.json``; an unknown method is a clear error."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"An adapter config must be a JSON object of options (e.g. {{\"method\": \"lora\", \"r\": 8}}), "
+                f"{_got(data)}."
+            )
         if "peft_type" in data:
             return LoRAConfig.from_peft_dict(data)
         if "method" not in data:
@@ -127,17 +250,19 @@ class LoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
-            self.target_modules = "all-linear"
+            self.target_modules = ALL_LINEAR
         super().__post_init__()
-        for name, rank in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {rank!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.init_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"init_weights must be True, False or 'gaussian', got {self.init_weights!r}.")
-        if not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha must be finite, got {self.alpha}.")
+        self.r = _positive_int("r", self.r)
+        self.alpha = _positive_real("alpha", self.alpha)
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a probability in [0, 1) such as 0.05, {_got(self.dropout)}.")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be true or false, {_got(self.use_rslora)}.")
+        # ``1 == True`` and ``0.0 == False`` in Python, so membership in (True, False) would let numbers through
+        if not (isinstance(self.init_weights, bool) or self.init_weights == "gaussian"):
+            raise ConfigError(f"init_weights must be True, False or 'gaussian', {_got(self.init_weights)}.")
+        self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, _positive_int)
+        self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, _positive_real)
 
     @property
     def use_dora(self) -> bool:
@@ -231,8 +356,10 @@ class BottleneckConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
-            raise ConfigError(f"reduction_factor must be an integer >= 1, got {self.reduction_factor!r}.")
+        if not _is_int(self.reduction_factor) or self.reduction_factor < 1:
+            raise ConfigError(f"reduction_factor must be an integer >= 1 such as 16, {_got(self.reduction_factor)}.")
+        if not isinstance(self.nonlinearity, str):
+            raise ConfigError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, {_got(self.nonlinearity)}.")
         if self.nonlinearity not in NONLINEARITIES:
             raise ConfigError(
                 f"nonlinearity {self.nonlinearity!r} is unknown.{_closest(self.nonlinearity, list(NONLINEARITIES))} "
@@ -247,6 +374,9 @@ CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
 
 def config_class_for(method: str) -> type[AdapterConfig]:
     """The config class that implements ``method``; an unknown method lists the known ones."""
+    if not isinstance(method, str):
+        raise ConfigError(f"method must be a method name such as 'lora', {_got(method)}. Known methods: "
+                          f"{', '.join(CONFIG_CLASSES)}.")
     try:
         return CONFIG_CLASSES[method]
     except KeyError:
@@ -254,3 +384,39 @@ def config_class_for(method: str) -> type[AdapterConfig]:
             f"Unknown method {method!r}.{_closest(str(method), list(CONFIG_CLASSES))} "
             f"Known methods: {', '.join(CONFIG_CLASSES)}."
         ) from None
+
+
+def as_adapter_config(obj: Any, model: Any = None) -> AdapterConfig:
+    """The ``AdapterConfig`` that ``inject``/``prepare`` were given, built from what users pass in practice.
+
+    Accepted: an ``AdapterConfig``; a dict of options with a ``"method"`` key (as for ``AdapterConfig.create``) or a
+    ``"peft_type"`` key (PEFT's ``adapter_config.json``); a ``peft.LoraConfig`` (through its ``to_dict``, so PEFT
+    options we do not support are refused by name). Anything else is a ``TypeError`` saying how to build a config.
+    ``model``, when given, must be a module (catches swapped arguments before anything else fails obscurely).
+    """
+    if model is not None and not callable(getattr(model, "named_modules", None)):
+        raise TypeError(f"Expected a torch.nn.Module to adapt, got {type(model).__name__}; call inject(model, config).")
+    if isinstance(obj, AdapterConfig):
+        return obj
+    if isinstance(obj, Mapping):
+        if "peft_type" in obj:
+            return AdapterConfig.from_dict(dict(obj))
+        if "method" in obj:
+            return AdapterConfig.create(**obj)
+        raise ConfigError(
+            f"A dict of options needs a 'method' key (e.g. {{'method': 'lora', 'r': 8}}), got keys {sorted(map(str, obj))}. "
+            "Or build the config explicitly: AdapterConfig.create('lora', r=8, target_modules=['q_proj', 'v_proj'])."
+        )
+    if type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "to_dict", None)):
+        data = dict(obj.to_dict())
+        if data.get("target_modules") is None and str(data.get("peft_type")) in ("LORA", "PeftType.LORA"):
+            raise ConfigError(
+                f"{type(obj).__name__} has no target_modules (PEFT then picks defaults per model type, which we do "
+                "not guess); set target_modules, e.g. LoraConfig(target_modules=['q_proj', 'v_proj'])."
+            )
+        return AdapterConfig.from_dict(data)
+    raise TypeError(
+        f"Expected an AdapterConfig, got {type(obj).__name__} ({obj!r:.60}). Build one with "
+        "AdapterConfig.create('lora', r=8, target_modules=['q_proj', 'v_proj']), or pass a dict of those options "
+        "with a 'method' key, or a peft.LoraConfig."
+    )

@@ -13,7 +13,7 @@ from typing import Iterator, Union
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig, ConfigError
+from .config import AdapterConfig, ConfigError, as_adapter_config
 from .methods.base import (
     LINEAR_TYPES,
     InsertedAdapter,
@@ -51,6 +51,7 @@ def prepare(model: nn.Module, config: AdapterConfig, seed: int | None = None) ->
     With ``seed``, adapters are initialized from that seed inside a forked RNG: the same seed gives the same adapter
     whatever ran before (another strategy, another rank), and the caller's random stream is not advanced.
     """
+    config = as_adapter_config(config, model)  # also a dict of options or a peft.LoraConfig
     if adapters(model):
         raise ConfigError(
             f"{type(model).__name__} already has {injected_config(model).method!r} adapters; call unload(model) "

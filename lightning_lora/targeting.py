@@ -77,24 +77,61 @@ def resolve_targets(
     else:
         chosen = [(p, m) for p, m in named if _matches(spec, p)]
 
+    all_linear = isinstance(spec, str) and spec.lower() == ALL_LINEAR
     chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, p)]
+    before_layers = [p for p, _ in chosen]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
-        chosen = [(p, m) for p, m in chosen if layer_index(p, config.layers_pattern) in wanted]
+        # PEFT: a path listed in full is taken as is; the layer filter applies to suffix and pattern matches
+        listed = set(spec) if isinstance(spec, list) else set()
+        chosen = [(p, m) for p, m in chosen if p in listed or layer_index(p, config.layers_pattern) in wanted]
 
     if not chosen:
-        raise ConfigError(_nothing_matched_message(config, [p for p, _ in named]))
+        raise ConfigError(_nothing_matched_message(config, [p for p, _ in named], before_layers))
+    never_called = [p for p, _ in chosen if _forward_never_called(model, p)]
+    if never_called and all_linear:
+        chosen = [(p, m) for p, m in chosen if p not in never_called]
+    elif never_called:
+        raise ConfigError(
+            f"{', '.join(never_called[:5])} is the out_proj of an nn.MultiheadAttention, which passes the weight to "
+            "F.multi_head_attention_forward itself and never calls out_proj's forward: an adapter there would never "
+            "train. Add it to exclude_modules (all-linear skips it for this reason)."
+        )
     unsupported = [(p, type(m).__name__) for p, m in chosen if not is_supported(m)]
-    if unsupported and not (isinstance(spec, str) and spec.lower() == ALL_LINEAR):
+    if unsupported and not all_linear:
         listed = ", ".join(f"{p} ({t})" for p, t in unsupported[:5])
         raise ConfigError(
             f"target_modules matched modules that {config.method!r} cannot adapt: {listed}"
             f"{' ...' if len(unsupported) > 5 else ''}. Narrow target_modules or add them to exclude_modules."
         )
-    return [p for p, _ in chosen]
+    targets = [p for p, _ in chosen]
+    _check_patterns_used(config, targets)
+    return targets
 
 
-def _nothing_matched_message(config: AdapterConfig, paths: Iterable[str]) -> str:
+def _forward_never_called(model: nn.Module, path: str) -> bool:
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` directly, so wrapping ``out_proj`` changes nothing."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return name == "out_proj" and isinstance(parent, nn.MultiheadAttention)
+
+
+def _check_patterns_used(config: AdapterConfig, targets: list[str]) -> None:
+    """A ``rank_pattern``/``alpha_pattern`` key that matches no targeted module is a typo: without this check the
+    module it meant would silently train with the default r/alpha."""
+    for option in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, option, None) or {}:
+            if not any(pattern_matches(key, path) for path in targets):
+                names = sorted({p.split(".")[-1] for p in targets})
+                raise ConfigError(
+                    f"{option} key {key!r} matches none of the {len(targets)} targeted modules, so it would change "
+                    f"nothing. A key matches the end of a module path at a dot (a name like 'q_proj' or a regex like "
+                    f"r'layers\\.0\\.q_proj'). Targeted module names: {', '.join(names[:20])}"
+                    f"{' ...' if len(names) > 20 else ''}; for example {targets[0]}. Fix the key or drop it."
+                )
+
+
+def _nothing_matched_message(config: AdapterConfig, paths: Iterable[str], before_layers: list[str]) -> str:
     paths = list(paths)
     leaf_names = sorted({p.split(".")[-1] for p in paths})
     spec = config.target_modules
@@ -108,15 +145,45 @@ def _nothing_matched_message(config: AdapterConfig, paths: Iterable[str]) -> str
     if config.exclude_modules or config.layers_to_transform is not None:
         extra = f" (after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
     hint = f" Closest module names: {', '.join(near)}." if near else ""
+    if before_layers and config.layers_to_transform is not None:
+        return _layers_message(config, before_layers)
     return (
         f"target_modules={spec!r} matched no module{extra}.{hint} "
         f"Module names in this model include: {', '.join(leaf_names[:20])}{' ...' if len(leaf_names) > 20 else ''}."
     )
 
 
+def _layers_message(config: AdapterConfig, before_layers: list[str]) -> str:
+    """Targets matched, but the layer filter removed all of them: say whether no index was found (layers_pattern)
+    or the indexes found are not the ones asked for."""
+    found = sorted({i for i in (layer_index(p, config.layers_pattern) for p in before_layers) if i is not None})
+    example = before_layers[0]
+    parts = example.split(".")
+    lists = [a for a, b in zip(parts, parts[1:]) if b.isdigit()]
+    where = f" (layers_pattern={config.layers_pattern!r})" if config.layers_pattern else ""
+    if not found:
+        fix = (f"set layers_pattern to the name before the layer index, here {lists[0]!r}" if lists else
+               "these modules have no numbered layer in their path; drop layers_to_transform")
+        return (
+            f"target_modules={config.target_modules!r} matched {len(before_layers)} modules (e.g. {example}), but "
+            f"no layer index could be read from their paths{where}, so layers_to_transform="
+            f"{config.layers_to_transform!r} kept none of them: {fix}."
+        )
+    return (
+        f"target_modules={config.target_modules!r} matched {len(before_layers)} modules (e.g. {example}) in layers "
+        f"{found}{where}, but layers_to_transform={config.layers_to_transform!r} selects none of those layers. "
+        "Pick indexes from that list."
+    )
+
+
+def pattern_matches(key: str, path: str) -> bool:
+    """PEFT's rank/alpha pattern rule: ``key`` (a name or regex) matches the end of ``path`` at a dot boundary."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
 def pattern_value(patterns: dict, path: str, default):
-    """PEFT's rank/alpha pattern lookup: the first key that matches the end of ``path`` at a dot boundary."""
+    """PEFT's rank/alpha pattern lookup: the value of the first key that matches ``path``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if pattern_matches(key, path):
             return value
     return default

@@ -167,14 +167,14 @@ def test_rank_must_be_a_positive_integer(options: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
 def test_dropout_must_be_a_probability_below_one(dropout: float) -> None:
-    with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"dropout must be a probability in \[0, 1\)"):
         AdapterConfig.create("lora", dropout=dropout)
 
 
 @pytest.mark.parametrize("options,match", [
     ({"init_weights": "pissa"}, "init_weights must be"),
-    ({"alpha": math.inf}, "alpha must be finite"),
-    ({"alpha": math.nan}, "alpha must be finite"),
+    ({"alpha": math.inf}, "alpha must be a positive finite number"),
+    ({"alpha": math.nan}, "alpha must be a positive finite number"),
     ({"target_modules": 3}, "target_modules must be"),
     ({"layers_to_transform": [0, -1]}, "negative index"),
 ])
