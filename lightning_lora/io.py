@@ -5,7 +5,9 @@ Nothing here unpickles: tensors come from safetensors, settings from JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -96,17 +98,57 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     return Path(directory)
 
 
+def _read_config(config_path: Path) -> AdapterConfig:
+    """``adapter_config.json`` as a config; every way it can be broken is an error that names the file."""
+    try:
+        text = config_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise AdapterFileError(f"{config_path} is not UTF-8 text ({err}); re-export the adapter.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({err}); re-export the adapter.") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(
+            f"{config_path} holds a JSON {type(data).__name__ if data is not None else 'null'} ({text.strip()[:40]!r}), "
+            "not an object of adapter options such as {\"peft_type\": \"LORA\", \"r\": 8, ...}; re-export the adapter."
+        )
+    try:
+        return AdapterConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{config_path}: {err}") from None
+
+
+def _check_tensor_values(weights_path: Path, tensors: dict[str, Tensor]) -> None:
+    """Integer tensors cannot be adapter weights, and NaN/Inf ones would make every output NaN: refuse both."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterFileError(
+                f"{weights_path}: tensor {key} has dtype {tensor.dtype}, but adapter weights are floating point; "
+                "the file was not written by an adapter export. Re-export the adapter."
+            )
+        if not torch.isfinite(tensor).all():
+            raise AdapterFileError(
+                f"{weights_path}: tensor {key} holds NaN or Inf values (the training run diverged); loading it would "
+                "make every output NaN. Use the adapter of an earlier checkpoint, or lower the learning rate and retrain."
+            )
+
+
 def read_adapter(directory: PathLike) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, str]]:
     """Config, tensors (our key names) and metadata of an adapter directory; clear errors for broken files."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"Expected the path of an adapter directory, got {type(directory).__name__}.")
     directory = Path(directory)
+    if directory.is_file():
+        raise AdapterFileError(
+            f"{directory} is a file; pass the directory that holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+            f"{f' (here {directory.parent})' if directory.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) else ''}."
+        )
     config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
             raise AdapterFileError(f"{path} does not exist; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
-    try:
-        config = AdapterConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({err}); re-export the adapter.") from None
+    config = _read_config(config_path)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -122,17 +164,74 @@ def read_adapter(directory: PathLike) -> tuple[AdapterConfig, dict[str, Tensor],
         if ".base_layer." in f".{name}":
             continue  # PEFT also saves the base embedding when it adapts one; the base is ours already
         ours[name] = tensor
+    _check_tensor_values(weights_path, ours)
     return config, ours, metadata
+
+
+# The dimension of each LoRA tensor that holds the rank: A is (r, in...), B is (out, r...).
+RANK_DIMS = {"lora_A.weight": 0, "lora_B.weight": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
+
+
+def _rank_mismatch(directory: Path, config: AdapterConfig, tensors: dict[str, Tensor],
+                   expected: dict[str, Tensor]) -> str | None:
+    """When the only shape differences are in the rank dimension, the config's ``r`` (or ``rank_pattern``) is wrong,
+    not the base: a message that says which rank the tensors hold and what to write."""
+    if not isinstance(config, LoRAConfig):
+        return None
+    file_ranks: dict[str, int] = {}
+    for key, tensor in expected.items():
+        got = tensors[key].shape
+        if got == tensor.shape:
+            continue
+        dim = next((d for suffix, d in RANK_DIMS.items() if key.endswith("." + suffix)), None)
+        same_elsewhere = dim is not None and len(got) == tensor.dim() and all(
+            a == b for i, (a, b) in enumerate(zip(got, tensor.shape)) if i != dim)
+        if not same_elsewhere:
+            return None
+        file_ranks[key.rsplit(".lora_", 1)[0]] = got[dim]
+    config_path = directory / ADAPTER_CONFIG
+    try:
+        has_r = "r" in json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        has_r = True
+    source = f"r={config.r}" if has_r else f"no 'r', so the default r={config.r} applies"
+    ranks = sorted(set(file_ranks.values()))
+    example = next(iter(file_ranks))
+    fix = (f"set \"r\": {ranks[0]}" if len(ranks) == 1 else
+           f"set \"r\" and \"rank_pattern\" to the ranks the tensors hold ({ranks})")
+    return (
+        f"{config_path} gives {source}{' (and a rank_pattern)' if config.rank_pattern else ''}, but "
+        f"{directory / ADAPTER_WEIGHTS} holds rank {ranks[0] if len(ranks) == 1 else ranks} tensors for "
+        f"{len(file_ranks)} modules (e.g. {example}: rank {file_ranks[example]}). The config does not match its "
+        f"weights: {fix} in {ADAPTER_CONFIG}."
+    )
+
+
+def _drop_unused_patterns(config: AdapterConfig, tensors: dict[str, Tensor]) -> AdapterConfig:
+    """PEFT keeps rank/alpha pattern keys that matched nothing in its files; they change nothing on load, so drop them
+    rather than refuse the file (``inject`` refuses such keys because there they are typos)."""
+    if not isinstance(config, LoRAConfig) or not (config.rank_pattern or config.alpha_pattern):
+        return config
+    from .targeting import pattern_matches
+
+    trained = {key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in f".{key}"}
+
+    def used(patterns: dict) -> dict:
+        return {k: v for k, v in patterns.items() if any(pattern_matches(k, p) for p in trained)}
+
+    return dataclasses.replace(config, rank_pattern=used(config.rank_pattern), alpha_pattern=used(config.alpha_pattern))
 
 
 def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True) -> list[str]:
     """Inject the adapter saved in ``directory`` (by us or by PEFT) into ``model`` and load its weights.
 
-    All or nothing: keys, shapes and (for files we wrote) the base fingerprint are checked before the model changes.
-    ``check_base=False`` skips the fingerprint check. Returns the adapted module paths.
+    All or nothing: the files (UTF-8 JSON object, readable safetensors, finite floating-point tensors), keys, shapes
+    and (for files we wrote) the base fingerprint are checked before the model changes. ``check_base=False`` skips
+    the fingerprint check. Returns the adapted module paths.
     """
     config, tensors, metadata = read_adapter(directory)
-    prepared = prepare(model, config)
+    directory = Path(directory)
+    prepared = prepare(model, _drop_unused_patterns(config, tensors))
     expected: dict[str, Tensor] = {}
     for path, adapter in prepared.items():
         expected.update({f"{path}.{name}" if path else name: t for name, t in adapter.adapter_tensors().items()})
@@ -145,7 +244,8 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(t.shape)}"
              for k, t in expected.items() if tensors[k].shape != t.shape]
     if wrong:
-        raise AdapterFileError(f"{directory} was saved for a base of another shape: {'; '.join(wrong[:5])}.")
+        raise AdapterFileError(_rank_mismatch(directory, config, tensors, expected) or
+                               f"{directory} was saved for a base of another shape: {'; '.join(wrong[:5])}.")
     saved_fingerprint = metadata.get(FINGERPRINT_KEY)
     if check_base and saved_fingerprint and saved_fingerprint != base_fingerprint(model):
         raise AdapterFileError(
