@@ -64,6 +64,11 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) 
     ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
     ``model.safetensors`` holding its merged state dict. The directory is replaced atomically.
     """
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(
+            f"export_merged(tokenizer=...) wants a tokenizer object with save_pretrained (e.g. "
+            f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__} {tokenizer!r:.60}."
+        )
     state = merged_state_dict(model)
     from transformers import PreTrainedModel
 
