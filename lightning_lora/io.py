@@ -90,7 +90,8 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     The directory is replaced atomically.
     """
     config = adapter_config_dict(model)
-    tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    # a copy per key, as PEFT does: tensors the user tied would otherwise make safetensors refuse the file
+    tensors = {PEFT_PREFIX + k: v.to('cpu', copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model), "lightning_lora.method": injected_config(model).method}
     with atomic_directory(directory) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=metadata)
