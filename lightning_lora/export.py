@@ -10,11 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import PathLike, atomic_directory
+from .atomic import PathLike, check_export_target, export_directory
 from .methods.base import MergeError
 from .surgery import adapters, base_state_dict, weight_adapters
 
 MERGED_WEIGHTS = "model.safetensors"
+MERGED_KIND = "merged"
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -62,17 +63,23 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) 
 
     A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
     ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
-    ``model.safetensors`` holding its merged state dict. The directory is replaced atomically.
+    ``model.safetensors`` holding its merged state dict.
+
+    ``directory`` must be new, empty, or a previous merged export (which is replaced atomically); a file or a
+    directory holding other files is refused with ``ExportTargetError`` before anything is written, so a user's files
+    are never deleted. A failed write (a full disk) raises ``ExportError`` (an ``OSError``) and leaves the previous
+    export in place.
     """
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(
             f"export_merged(tokenizer=...) wants a tokenizer object with save_pretrained (e.g. "
             f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__} {tokenizer!r:.60}."
         )
+    check_export_target(directory, MERGED_KIND)
     state = merged_state_dict(model)
     from transformers import PreTrainedModel
 
-    with atomic_directory(directory) as staging:
+    with export_directory(directory, MERGED_KIND) as staging:
         if isinstance(model, PreTrainedModel):
             with _gguf_loaded_savable(model):
                 model.save_pretrained(staging, state_dict=state)

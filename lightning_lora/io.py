@@ -16,13 +16,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import PathLike, atomic_directory, write_json
-from .config import AdapterConfig, ConfigError, LoRAConfig
+from .atomic import PathLike, check_export_target, export_directory, write_json
+from .config import AdapterConfig, ConfigError, LoRAConfig, exact_targets
 from .fingerprint import base_fingerprint
 from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_KIND = "adapter"
 PEFT_PREFIX = "base_model.model."
 FINGERPRINT_KEY = "lightning_lora.base_fingerprint"
 
@@ -76,9 +77,11 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
             fan_in_fan_out=any(getattr(a, "fan_in_fan_out", False) for a in found.values()),
             base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
             task_type=_task_type(model),
+            module_paths=(p for p, _ in model.named_modules()),
         )
     data = config.to_dict()
-    data.update(target_modules=sorted(found), exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+    target_spec = exact_targets(list(found), (p for p, _ in model.named_modules()))[0]
+    data.update(target_modules=target_spec, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
     return data
 
 
@@ -87,13 +90,17 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
 
     ``model`` is the module the adapters were injected into (for a Hugging Face model, the model itself): keys are
     ``base_model.model.<path>...`` as PEFT writes them, so ``peft.PeftModel.from_pretrained`` loads the result.
-    The directory is replaced atomically.
+    ``directory`` must be new, empty, or a previous adapter export (which is replaced atomically); a file or a
+    directory holding other files is refused with ``ExportTargetError`` before anything is written, so a user's files
+    are never deleted. A failed write (a full disk) raises ``ExportError`` (an ``OSError``) and leaves the previous
+    export in place.
     """
+    check_export_target(directory, ADAPTER_KIND)
     config = adapter_config_dict(model)
     # a copy per key, as PEFT does: tensors the user tied would otherwise make safetensors refuse the file
     tensors = {PEFT_PREFIX + k: v.to('cpu', copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model), "lightning_lora.method": injected_config(model).method}
-    with atomic_directory(directory) as staging:
+    with export_directory(directory, ADAPTER_KIND) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=metadata)
         write_json(staging / ADAPTER_CONFIG, config)
     return Path(directory)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import lightning_lora.export as export_module
 import lightning_lora.io as io_module
+from lightning_lora.atomic import ExportError
 from lightning_lora.config import AdapterConfig, ConfigError
 from lightning_lora.methods.base import MergeError
 from lightning_lora.export import export_merged, merged_state_dict
@@ -401,22 +402,39 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def test_save_over_an_existing_directory_replaces_it(tmp_path: Path) -> None:
+def test_save_over_a_previous_export_replaces_it(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    saved_llama(target, r=2)
+    model = adapted(make_llama, "lora", seed=9, target_modules=["v_proj"], r=4)
+    save_adapter(model, target)
+    assert sorted(p.name for p in target.iterdir()) == [".lightning_lora.json", "adapter_config.json",
+                                                        "adapter_model.safetensors"]
+    fresh = make_llama()
+    assert load_adapter(fresh, target) == list(adapters(model))
+    assert leftovers(tmp_path) == []
+
+
+def test_save_never_deletes_a_users_file(tmp_path: Path) -> None:
+    """An export beside a user's file (a run folder with checkpoints in it) is refused, and the folder kept as is."""
     target = tmp_path / "adapter"
     saved_llama(target, r=2)
     (target / "stale.txt").write_text("from an older run")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
     model = adapted(make_llama, "lora", seed=9, target_modules=["v_proj"], r=4)
-    save_adapter(model, target)
-    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    fresh = make_llama()
-    assert load_adapter(fresh, target) == list(adapters(model))
+    state, types = snapshot(model), module_types(model)
+    with pytest.raises(OSError, match=r"adapter: it holds files that are not from a lightning_lora export \(stale.txt\)"
+                                      r".*Choose a new or empty directory, or remove those files"):
+        save_adapter(model, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert_unchanged(model, state, types)
     assert leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("writer", ["save_adapter", "export_merged"])
 def test_failed_write_keeps_the_old_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
     target = tmp_path / "out"
-    saved_llama(target)
+    write = save_adapter if writer == "save_adapter" else export_merged
+    write(adapted(make_plain, "lora", seed=1, target_modules=["head"], r=2), target)
     old = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def failing_save_file(tensors: dict[str, Tensor], filename: str, metadata: Any = None) -> None:
@@ -425,12 +443,13 @@ def test_failed_write_keeps_the_old_directory(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(io_module if writer == "save_adapter" else export_module, "save_file", failing_save_file)
     model = adapted(make_plain, "lora", target_modules=["head"], r=2)
-    with pytest.raises(OSError, match="disk full"):
-        (save_adapter if writer == "save_adapter" else export_merged)(model, target)
+    with pytest.raises(ExportError, match="disk full.*the previous"):
+        write(model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == old
     assert leftovers(tmp_path) == []
     monkeypatch.undo()
-    assert load_adapter(make_llama(), target)
+    write(model, target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} != old
 
 
 def test_save_into_a_new_nested_directory(tmp_path: Path) -> None:
