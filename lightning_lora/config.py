@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Iterable, Union
 
 TargetSpec = Union[str, list[str], None]
 
@@ -272,12 +272,16 @@ class LoRAConfig(AdapterConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def to_peft_dict(self, targets: list[str], ranks: dict[str, int], alphas: dict[str, float],
-                     fan_in_fan_out: bool, base_model_name_or_path: str | None, task_type: str | None) -> dict[str, Any]:
+                     fan_in_fan_out: bool, base_model_name_or_path: str | None, task_type: str | None,
+                     module_paths: Iterable[str] = ()) -> dict[str, Any]:
         """PEFT's ``adapter_config.json`` for exactly the modules we adapted.
 
-        ``targets`` are the resolved module paths, so PEFT picks the same modules whatever our pattern syntax was;
-        per-module ranks and alphas that differ from the default travel as fully qualified patterns.
+        ``targets`` are the resolved module paths, so PEFT picks the same modules whatever our pattern syntax was
+        (and whatever rule chose layers: no layer options are written); per-module ranks and alphas that differ from
+        the default travel as fully qualified patterns. ``module_paths`` (every module of the model) lets a path
+        that is also the tail of another path be written so that it matches only itself (see ``exact_targets``).
         """
+        target_spec, key = exact_targets(targets, module_paths)
         return {
             "peft_type": "LORA",
             "task_type": task_type,
@@ -287,12 +291,12 @@ class LoRAConfig(AdapterConfig):
             "lora_dropout": self.dropout,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
-            "target_modules": sorted(targets),
+            "target_modules": target_spec,
             "exclude_modules": None,
             "layers_to_transform": None,
             "layers_pattern": None,
-            "rank_pattern": {k: v for k, v in sorted(ranks.items()) if v != self.r},
-            "alpha_pattern": {k: v for k, v in sorted(alphas.items()) if v != self.alpha},
+            "rank_pattern": {key(k): v for k, v in sorted(ranks.items()) if v != self.r},
+            "alpha_pattern": {key(k): v for k, v in sorted(alphas.items()) if v != self.alpha},
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "init_lora_weights": self.init_weights,
@@ -365,6 +369,25 @@ class BottleneckConfig(AdapterConfig):
                 f"nonlinearity {self.nonlinearity!r} is unknown.{_closest(self.nonlinearity, list(NONLINEARITIES))} "
                 f"Choose one of {', '.join(NONLINEARITIES)}."
             )
+
+
+def exact_targets(targets: list[str], module_paths: Iterable[str] = ()) -> tuple[TargetSpec, Callable[[str], str]]:
+    """``target_modules`` and a rank/alpha pattern key maker that select exactly ``targets`` under PEFT's rules.
+
+    PEFT (and we) take a listed name to match a path equal to it or ending in ``"." + name``, and a pattern key to
+    match the end of a path at a dot. A full path that is also the tail of another module's path (``layers.0.fc``
+    beside ``model.layers.0.fc``) would then pick both; only then are targets written as one anchored regex (PEFT
+    matches a string with ``re.fullmatch``) and such keys anchored with ``^``. Otherwise the readable sorted list.
+    """
+    tails: set[str] = set()
+    for path in {*module_paths, *targets}:
+        parts = path.split(".")
+        tails.update(".".join(parts[i:]) for i in range(1, len(parts)))
+    ambiguous = {t for t in targets if t in tails}
+    if not ambiguous:
+        return sorted(targets), lambda path: path
+    spec = "|".join(re.escape(t) for t in sorted(targets))
+    return spec, lambda path: f"^{re.escape(path)}" if path in ambiguous else path
 
 
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
