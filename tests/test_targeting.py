@@ -8,6 +8,7 @@ from typing import Any, Callable
 import pytest
 from conftest import make_bert, make_gpt2, make_llama, make_plain
 from peft_oracle import PEFT_WARNINGS, peft_adapted_paths, peft_inner, peft_model
+import torch
 from torch import nn
 
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -131,7 +132,9 @@ def test_pattern_value_matches_at_a_dot_boundary_first_key_wins() -> None:
 
 @pytest.mark.parametrize("path,pattern,expected", [
     ("model.layers.3.mlp.down_proj", None, 3),
-    ("model.layers.3.mlp.experts.7.w1", None, 3),  # the first index is the layer, not the expert
+    ("model.layers.3.mlp.experts.7.w1", None, 3),  # the first number after a dotted name: the layer
+    ("layers.0.mlp.experts.2.w1", None, 2),  # at the top level that is the expert (PEFT's rule; see MOE_SPECS)
+    ("layers.2.attn", None, None),
     ("model.layers.3.mlp.experts.7.w1", "experts", 7),
     ("layers.2.attn", "layers", 2),
     ("transformer.h.1.attn.c_attn", ["blocks", "h"], 1),
@@ -170,3 +173,112 @@ def test_targeting_a_module_the_method_cannot_adapt_names_its_type() -> None:
         _ours(make_llama(), target_modules=["act_fn"], layers_to_transform=[0])
     with pytest.raises(ConfigError, match=r"'dora' cannot adapt: embed \(Embedding\)"):
         inject(make_plain(), AdapterConfig.create("dora", target_modules=["embed", "head"]))
+
+
+# -- nested (MoE-style) names: which index is the layer, with PEFT as the oracle ----------------------------------
+class Expert(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(4, 4)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+        self.mlp = nn.Module()
+        self.mlp.experts = nn.ModuleList([Expert() for _ in range(3)])
+
+
+class MoEStack(nn.Module):
+    """``layers.N.mlp.experts.M.w1`` twice: under ``model.`` and at the top level, where PEFT's rule (the first
+    number after a dotted name) reads the expert index as the layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([MoEBlock() for _ in range(3)])
+        self.layers = nn.ModuleList([MoEBlock() for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in [*self.model.layers, *self.layers]:
+            x = block.attn(x) + sum(e.w1(x) for e in block.mlp.experts)
+        return x
+
+
+def _peft_paths(model: nn.Module, **options: Any) -> list[str]:
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(r=2, **options), copy.deepcopy(model))
+    return [p for p, m in theirs.named_modules() if isinstance(m, LoraLayer)]
+
+
+MOE_SPECS = {
+    "experts-no-pattern": {"target_modules": ["w1"], "layers_to_transform": [2]},
+    "experts-no-pattern-int": {"target_modules": ["w1"], "layers_to_transform": 0},
+    "attn-no-pattern": {"target_modules": ["attn"], "layers_to_transform": [1, 2]},
+    "experts-pattern": {"target_modules": ["w1"], "layers_to_transform": [1], "layers_pattern": "experts"},
+    "layers-pattern": {"target_modules": ["w1", "attn"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    "full-path-bypasses-layers": {"target_modules": ["model.layers.1.attn", "w1"], "layers_to_transform": [0]},
+    "tail-matches-both": {"target_modules": ["layers.1.attn"]},
+}
+
+
+@pytest.mark.parametrize("options", MOE_SPECS.values(), ids=MOE_SPECS.keys())
+def test_nested_layer_indexes_follow_peft(options: dict[str, Any]) -> None:
+    """PEFT 0.21's rule, which we follow: without layers_pattern the layer is the first number that follows a
+    dotted name (``model.layers.3.mlp.experts.7.w1`` -> 3, but a top-level ``layers.0.mlp.experts.2.w1`` -> 2, the
+    expert), and a target listed as a full path is kept whatever its layer."""
+    model = MoEStack()
+    ours = inject(copy.deepcopy(model), AdapterConfig.create("lora", r=2, **options))
+    assert ours == _peft_paths(model, **options)
+
+
+def test_export_names_exactly_the_trained_modules_for_peft(tmp_path: Any) -> None:
+    """``layers.1.attn`` is also the tail of ``model.layers.1.attn``: the export must still make PEFT adapt (and
+    rank) exactly what we trained, whatever rule picked it."""
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    from lightning_lora.io import load_adapter, save_adapter
+
+    model = MoEStack()
+    ours = copy.deepcopy(model)
+    chosen = inject(ours, AdapterConfig.create("lora", r=2, target_modules=r"(model\.)?layers\.1\.attn|layers\.0\.attn",
+                                               rank_pattern={r"^layers\.1\.attn": 3}, init_weights=False))
+    assert chosen == ["model.layers.1.attn", "layers.0.attn", "layers.1.attn"]
+    save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "a"))
+    inner = theirs.base_model.model
+    assert [p for p, m in inner.named_modules() if isinstance(m, LoraLayer)] == chosen
+    assert {p: inner.get_submodule(p).r["default"] for p in chosen} == {p: a.r for p, a in adapters(ours).items()}
+    x = torch.randn(2, 4)
+    assert torch.allclose(theirs(x), ours(x), atol=1e-6)
+    again = copy.deepcopy(model)
+    assert load_adapter(again, tmp_path / "a") == chosen and torch.allclose(again(x), ours(x), atol=1e-6)
+
+
+# -- nn.MultiheadAttention.out_proj ----------------------------------------------------------------------------------
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ffn = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_all_linear_skips_multihead_attention_out_proj() -> None:
+    """The owner passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj's forward, so an
+    adapter there would never train; all-linear leaves it out."""
+    model = AttentionNet()
+    assert inject(model, AdapterConfig.create("lora", r=2, target_modules="all-linear")) == ["ffn"]
+
+
+def test_naming_multihead_attention_out_proj_is_refused() -> None:
+    model = AttentionNet()
+    with pytest.raises(ConfigError, match=r"attn\.out_proj is the out_proj of an nn\.MultiheadAttention.*never train"):
+        inject(model, AdapterConfig.create("lora", r=2, target_modules=["out_proj", "ffn"]))
+    assert not adapters(model)
