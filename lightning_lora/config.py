@@ -155,7 +155,9 @@ class AdapterConfig:
     ``"." + name``; a string is a regular expression that must match the whole path; ``"all-linear"`` picks every
     linear layer except the output head. ``exclude_modules`` uses the same rules to drop matches.
     ``layers_to_transform`` keeps only modules in the given layer indexes, found by ``layers_pattern`` (for example
-    ``"layers"``) or by the first ``.<name>.<index>.`` in the path.
+    ``"layers"``) or by PEFT's rule without it (see ``targeting.layer_index``); a target listed as a full path is
+    kept whatever its layer, as in PEFT. Every option is type-checked here, so a mistyped YAML value fails when the
+    config is built, naming the option.
     """
 
     method: str = ""

@@ -22,8 +22,10 @@ def _matches(spec: TargetSpec, path: str) -> bool:
 
 
 def layer_index(path: str, layers_pattern: Optional[list[str] | str]) -> Optional[int]:
-    """The transformer layer a module belongs to: the number after ``<layers_pattern>.`` or after the first
-    ``.<name>.`` in the path, the first one so that nested indexes (experts) are not taken for layers."""
+    """The layer a module belongs to, by PEFT's rule (``check_target_module_exists``): the number after the first
+    ``<layers_pattern>.``, or without a pattern the first number that follows a dotted name. So
+    ``model.layers.3.mlp.experts.7.w1`` is layer 3, but a top-level ``layers.0.mlp.experts.2.w1`` gives 2 (the first
+    ``.`` comes after ``layers``) and ``layers.2.attn`` gives None; tests check this against PEFT itself."""
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else (layers_pattern or [])
     if not patterns:
         found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
