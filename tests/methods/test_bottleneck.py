@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
 
 import pytest
 import torch
 from conftest import VOCAB, make_bert, make_gpt2, make_llama, make_plain
 from peft_oracle import logits
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from lightning_lora.config import AdapterConfig, ConfigError
 from lightning_lora.export import export_merged, merged_state_dict
 from lightning_lora.io import load_adapter, save_adapter
 from lightning_lora.methods.base import MergeError
-from lightning_lora.methods.bottleneck import BottleneckAdapter
-from lightning_lora.surgery import adapter_state_dict, adapters, disable_adapters, inject, merge, unload, unmerge
+from lightning_lora.methods.bottleneck import BottleneckAdapter, from_adapterhub
+from lightning_lora.surgery import (
+    adapter_state_dict,
+    adapters,
+    disable_adapters,
+    inject,
+    merge,
+    unload,
+    unmerge,
+)
 
 
 def token_batch() -> Tensor:
@@ -35,14 +46,13 @@ def perturb_up(model: nn.Module, seed: int = 0, scale: float = 0.5) -> None:
 
 
 PLACEMENT = [
-    ("llama", make_llama, "houlsby",
-     [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.down_proj")]),
-    ("llama", make_llama, "pfeiffer", [f"model.layers.{i}.mlp.down_proj" for i in (0, 1)]),
-    ("gpt2", make_gpt2, "houlsby", [f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_proj", "mlp.c_proj")]),
-    ("gpt2", make_gpt2, "pfeiffer", [f"transformer.h.{i}.mlp.c_proj" for i in (0, 1)]),
+    ("llama", make_llama, "houlsby", [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn", "mlp")]),
+    ("llama", make_llama, "pfeiffer", [f"model.layers.{i}" for i in (0, 1)]),
+    ("gpt2", make_gpt2, "houlsby", [f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn", "mlp")]),
+    ("gpt2", make_gpt2, "pfeiffer", [f"transformer.h.{i}" for i in (0, 1)]),
     ("bert", make_bert, "houlsby",
-     [f"bert.encoder.layer.{i}.{p}" for i in (0, 1) for p in ("attention.output.dense", "output.dense")]),
-    ("bert", make_bert, "pfeiffer", [f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)]),
+     [f"bert.encoder.layer.{i}.{p}" for i in (0, 1) for p in ("attention.output", "output")]),
+    ("bert", make_bert, "pfeiffer", [f"bert.encoder.layer.{i}.output" for i in (0, 1)]),
 ]
 
 
@@ -56,11 +66,69 @@ def test_default_placement(family: str, make: Callable[[], nn.Module], method: s
         assert isinstance(model.get_submodule(path).bottleneck_adapter, BottleneckAdapter)
 
 
+def _reference_module() -> ModuleType:
+    """tests/reference/make_bottleneck_reference.py, for its FixedMaskDropout (loaded by path: tests is no package)."""
+    path = REFERENCE / "make_bottleneck_reference.py"
+    spec = importlib.util.spec_from_file_location("make_bottleneck_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = Path(__file__).parent.parent / "reference"
+ORACLE = [(family, method) for family in ("bert", "gpt2", "llama") for method in ("houlsby", "pfeiffer")]
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[dict[str, Tensor], dict, ModuleType]:
+    tensors = load_file(str(REFERENCE / "bottleneck_reference.safetensors"))
+    meta = json.loads((REFERENCE / "bottleneck_reference.json").read_text(encoding="utf-8"))
+    return tensors, meta, _reference_module()
+
+
+@pytest.mark.parametrize("family,method", ORACLE, ids=[f"{f}-{m}" for f, m in ORACLE])
+def test_equals_adapterhub(reference: tuple[dict[str, Tensor], dict, ModuleType], family: str, method: str) -> None:
+    """AdapterHub adapters 1.3 as the oracle: outputs it computed with the same base and adapter weights, in eval mode
+    and in train mode with the same hidden-dropout masks (tests/reference/make_bottleneck_reference.py)."""
+    import transformers
+
+    tensors, meta, ref = reference
+    spec = meta["models"][family]
+    model = getattr(transformers, spec["model_class"])(getattr(transformers, spec["config_class"])(**spec["config"]))
+    base = f"{family}/base/"
+    model.load_state_dict({k[len(base):]: v for k, v in tensors.items() if k.startswith(base) and k.count("/") == 2})
+    assert ref.fix_dropout_masks(model) == spec["dropout_paths"]  # the masks AdapterHub's model saw
+
+    options = meta["methods"][method]
+    inject(model, AdapterConfig.create(method, reduction_factor=meta["reduction_factor"],
+                                       nonlinearity=options["non_linearity"]))
+    prefix = f"{family}/{method}/adapter/"
+    ours = from_adapterhub(model, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, method)
+    assert ours.keys() == adapter_state_dict(model).keys()
+    model.load_state_dict(ours, strict=False)
+    for mode in ("eval", "train"):
+        model.train(mode == "train")
+        with torch.no_grad():
+            out = model(input_ids=tensors["tokens"], output_hidden_states=True)
+        expected = tensors[f"{family}/{method}/{mode}/last_hidden"]
+        assert (expected - tensors[f"{family}/base/{mode}/last_hidden"]).abs().max() > 0.1  # the adapters matter
+        torch.testing.assert_close(out.hidden_states[-1], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.logits, tensors[f"{family}/{method}/{mode}/logits"], rtol=0, atol=1e-5)
+
+
+def test_from_adapterhub_names_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="transformer.h.0.attn.c_proj.weight is not an AdapterHub bottleneck"):
+        from_adapterhub(make_gpt2(), {"transformer.h.0.attn.c_proj.weight": torch.zeros(1)}, "houlsby")
+    with pytest.raises(ConfigError, match="PlainNet is not a model family"):
+        from_adapterhub(make_plain(), {}, "houlsby")
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
 @pytest.mark.parametrize("make", [make_llama, make_gpt2, make_bert], ids=["llama", "gpt2", "bert"])
-def test_step_zero_is_the_base_model_and_up_changes_it(make: Callable[[], nn.Module]) -> None:
+def test_step_zero_is_the_base_model_and_up_changes_it(make: Callable[[], nn.Module], method: str) -> None:
     base = make()
     model = copy.deepcopy(base)
-    inject(model, AdapterConfig.create("houlsby", reduction_factor=4))
+    inject(model, AdapterConfig.create(method, reduction_factor=4))
     x = token_batch()
     with torch.no_grad():
         torch.testing.assert_close(logits(model, x), logits(base, x), rtol=0, atol=0)
@@ -92,7 +160,7 @@ def test_options_change_the_module() -> None:
     for factor in (4, 16):
         model = make_llama()
         inject(model, AdapterConfig.create("pfeiffer", reduction_factor=factor))
-        shapes[factor] = model.model.layers[0].mlp.down_proj.bottleneck_adapter.adapter_down.weight.shape
+        shapes[factor] = model.model.layers[0].bottleneck_adapter.adapter_down.weight.shape
     assert shapes == {4: (8, 32), 16: (2, 32)}
 
     outputs = {}
