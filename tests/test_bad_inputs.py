@@ -524,3 +524,17 @@ def test_tied_adapter_tensors_save_and_load() -> None:
         load_adapter(again, Path(tmp) / "a")
     tokens = torch.randint(3, 60, (1, 6), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(tokens).logits, again(tokens).logits, atol=1e-6)
+
+
+def test_unused_pattern_keys_in_a_peft_file_still_load(saved_adapter: Path, tmp_path: Path) -> None:
+    """PEFT keeps rank/alpha pattern keys that matched nothing in the files it writes; they cannot change what loads,
+    so loading ignores them (inject, where they are a user's typo, refuses them)."""
+    shutil.copytree(saved_adapter, tmp_path / "a")
+    path = tmp_path / "a" / ADAPTER_CONFIG
+    data = json.loads(path.read_text())
+    data.update(rank_pattern={"gate_proj": 7}, alpha_pattern={"no_such_module": 3.0})
+    path.write_text(json.dumps(data))
+    model = fresh("llama")
+    load_adapter(model, tmp_path / "a")
+    tokens = torch.randint(3, 60, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model(tokens).logits, fresh("llama+lora")(tokens).logits, atol=1e-6)

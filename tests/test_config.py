@@ -229,3 +229,36 @@ def test_config_error_is_a_value_error() -> None:
 def test_peft_inits_that_change_the_base_are_refused(init: str) -> None:
     with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'"):
         AdapterConfig.from_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "init_lora_weights": init})
+
+
+# -- what inject accepts besides an AdapterConfig ------------------------------------------------------------------
+def test_inject_accepts_option_dicts_and_peft_configs() -> None:
+    """A dict with 'method' is AdapterConfig.create's options; a peft.LoraConfig converts through its to_dict and
+    picks the same modules, ranks and method as PEFT does with it."""
+    import copy
+
+    import peft
+    from conftest import make_llama
+    from peft_oracle import peft_adapted_paths, peft_inner, peft_model
+
+    from lightning_lora.surgery import adapters, inject
+
+    model = make_llama()
+    by_dict = inject(copy.deepcopy(model), {"method": "lora", "r": 2, "target_modules": ["q_proj"]})
+    assert by_dict == inject(copy.deepcopy(model), AdapterConfig.create("lora", r=2, target_modules=["q_proj"]))
+
+    options = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "down_proj"], "use_dora": True,
+               "rank_pattern": {"down_proj": 3}, "layers_to_transform": [1]}
+    ours = copy.deepcopy(model)
+    chosen = inject(ours, peft.LoraConfig(**options))
+    theirs = peft_model(model, **options)
+    assert chosen == peft_adapted_paths(theirs) and chosen
+    for path, adapter in adapters(ours).items():
+        layer = peft_inner(theirs).get_submodule(path)
+        assert adapter.config.method == "dora"
+        assert (adapter.r, adapter.alpha) == (layer.r["default"], layer.lora_alpha["default"])
+
+
+def test_all_linear_written_as_a_one_item_list_is_the_shorthand() -> None:
+    """``target_modules: [all-linear]`` in YAML means the shorthand; no module can be named so."""
+    assert AdapterConfig.create("lora", target_modules=["all-linear"]).target_modules == "all-linear"
