@@ -439,6 +439,12 @@ def as_adapter_config(obj: Any, model: Any = None) -> AdapterConfig:
                 f"{type(obj).__name__} has no target_modules (PEFT then picks defaults per model type, which we do "
                 "not guess); set target_modules, e.g. LoraConfig(target_modules=['q_proj', 'v_proj'])."
             )
+        init = data.get("init_lora_weights", True)
+        if not (isinstance(init, bool) or init == "gaussian"):  # a file's weights replace init; a new adapter's not
+            raise ConfigError(
+                f"{type(obj).__name__}(init_lora_weights={init!r}) is not supported for new adapters; use True "
+                "(PEFT's default), False or 'gaussian'."
+            )
         return AdapterConfig.from_dict(data)
     raise TypeError(
         f"Expected an AdapterConfig, got {type(obj).__name__} ({obj!r:.60}). Build one with "
