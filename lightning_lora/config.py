@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,23 +44,29 @@ def _got(value: Any) -> str:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Python and NumPy integers; not bools (YAML's ``true`` is not a rank)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars as Python numbers, so the config stays JSON-serializable."""
+    return value if type(value) in (int, float) else (int(value) if _is_int(value) else float(value))
 
 
 def _positive_int(option: str, value: Any) -> int:
     if not _is_int(value) or value <= 0:
         raise ConfigError(f"{option} must be a positive integer such as 8, {_got(value)}.")
-    return value
+    return _plain(value)
 
 
 def _positive_real(option: str, value: Any) -> float:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{option} must be a positive finite number such as 16, {_got(value)}.")
-    return value
+    return _plain(value)
 
 
 def _regex(option: str, pattern: str, hint: str = "") -> str:
@@ -81,7 +88,11 @@ def _target_spec(option: str, value: Any, allow_empty: bool) -> TargetSpec:
     if isinstance(value, str):
         if not value.strip():
             raise ConfigError(f"{option} is an empty string; give module names such as ['q_proj', 'v_proj'] or a regex.")
-        return value if value.lower() == ALL_LINEAR else _regex(option, value, ", or give a list of plain module names")
+        if value.lower() == ALL_LINEAR and not allow_empty:
+            return value
+        if value.lower() == ALL_LINEAR:
+            raise ConfigError(f"{option}='all-linear' is only a target_modules shorthand; list the modules to exclude.")
+        return _regex(option, value, ", or give a list of plain module names")
     if not isinstance(value, (list, tuple, set, frozenset)):
         raise ConfigError(
             f"{option} must be a list of module names (e.g. ['q_proj', 'v_proj']) or one regex string, {_got(value)}."
@@ -95,7 +106,7 @@ def _target_spec(option: str, value: Any, allow_empty: bool) -> TargetSpec:
     names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     if not names and not allow_empty:
         raise ConfigError(f"{option}=[] targets nothing; list module names such as ['q_proj', 'v_proj'] or use 'all-linear'.")
-    if any(n.lower() == ALL_LINEAR for n in names):
+    if any(n.lower() == ALL_LINEAR for n in names) and not allow_empty:
         if len(names) > 1:
             raise ConfigError(f"{option} mixes 'all-linear' with module names {names}; use one or the other.")
         return ALL_LINEAR  # [all-linear] in YAML means the shorthand, not a module of that name
@@ -114,7 +125,7 @@ def _layer_indexes(value: Any) -> list[int] | None:
         raise ConfigError("layers_to_transform=[] selects no layer; list layer indexes or leave it unset for all layers.")
     if any(i < 0 for i in items):
         raise ConfigError(f"layers_to_transform holds a negative index: {list(items)}. Layer indexes start at 0.")
-    return list(items)
+    return [int(i) for i in items]
 
 
 def _layers_pattern(value: Any) -> str | list[str] | None:
@@ -258,6 +269,7 @@ class LoRAConfig(AdapterConfig):
         self.alpha = _positive_real("alpha", self.alpha)
         if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a probability in [0, 1) such as 0.05, {_got(self.dropout)}.")
+        self.dropout = _plain(self.dropout)
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be true or false, {_got(self.use_rslora)}.")
         # ``1 == True`` and ``0.0 == False`` in Python, so membership in (True, False) would let numbers through
@@ -364,6 +376,7 @@ class BottleneckConfig(AdapterConfig):
         super().__post_init__()
         if not _is_int(self.reduction_factor) or self.reduction_factor < 1:
             raise ConfigError(f"reduction_factor must be an integer >= 1 such as 16, {_got(self.reduction_factor)}.")
+        self.reduction_factor = int(self.reduction_factor)
         if not isinstance(self.nonlinearity, str):
             raise ConfigError(f"nonlinearity must be one of {', '.join(NONLINEARITIES)}, {_got(self.nonlinearity)}.")
         if self.nonlinearity not in NONLINEARITIES:

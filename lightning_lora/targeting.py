@@ -147,6 +147,9 @@ def _nothing_matched_message(config: AdapterConfig, paths: Iterable[str], before
     if config.exclude_modules or config.layers_to_transform is not None:
         extra = f" (after exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"
     hint = f" Closest module names: {', '.join(near)}." if near else ""
+    if isinstance(spec, str):
+        hint += (" A string is a regular expression that must match the whole module path (e.g. r'.*\\.q_proj'); "
+                 "to match by name, give a list such as ['q_proj'].")
     if before_layers and config.layers_to_transform is not None:
         return _layers_message(config, before_layers)
     return (

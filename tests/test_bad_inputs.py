@@ -263,7 +263,8 @@ OPTION_CASES = [
     C("targets-typo", "llama", opts(target_modules=["q_prj"]), ConfigError, "target_modules", "q_proj"),
     C("targets-partial-name", "llama", opts(target_modules=["proj"]), ConfigError, "target_modules"),
     C("targets-regex-nothing", "gpt2", opts(target_modules=r".*\.c_atn"), ConfigError, "target_modules", "c_attn"),
-    C("targets-regex-is-not-search", "llama", opts(target_modules="q_proj"), ConfigError, "target_modules"),
+    C("targets-regex-is-not-search", "llama", opts(target_modules="q_proj"), ConfigError, "target_modules",
+      "give a list such as ['q_proj']"),
     C("targets-activation", "llama", opts(target_modules=["act_fn"]), ConfigError, "act_fn", "SiLU"),
     C("targets-layernorm", "llama", opts(target_modules=["input_layernorm"]), ConfigError, "input_layernorm"),
     C("targets-mha-out-proj", "mha", opts(target_modules=["out_proj"]), ConfigError, "out_proj",
@@ -274,6 +275,7 @@ OPTION_CASES = [
     C("exclude-bad-regex", "llama", opts(exclude_modules="[bad"), ConfigError, "exclude_modules"),
     C("exclude-int-item", "llama", opts(exclude_modules=["q_proj", 1]), ConfigError, "exclude_modules[1]"),
     C("exclude-int", "llama", opts(exclude_modules=5), ConfigError, "exclude_modules"),
+    C("exclude-all-linear", "llama", opts(exclude_modules="all-linear"), ConfigError, "exclude_modules"),
     C("exclude-everything", "llama", opts(target_modules=["q_proj"], exclude_modules=["q_proj"]), ConfigError,
       "exclude_modules"),
     # layers_to_transform / layers_pattern

@@ -262,3 +262,16 @@ def test_inject_accepts_option_dicts_and_peft_configs() -> None:
 def test_all_linear_written_as_a_one_item_list_is_the_shorthand() -> None:
     """``target_modules: [all-linear]`` in YAML means the shorthand; no module can be named so."""
     assert AdapterConfig.create("lora", target_modules=["all-linear"]).target_modules == "all-linear"
+
+
+def test_numpy_numbers_are_accepted_and_stored_as_python_numbers() -> None:
+    """Options computed with NumPy are numbers too; stored as Python numbers the config stays JSON-serializable."""
+    import numpy as np
+
+    config = AdapterConfig.create("lora", r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1),
+                                  layers_to_transform=[np.int64(1)], rank_pattern={"q_proj": np.int32(2)})
+    assert (type(config.r), type(config.alpha), type(config.dropout)) == (int, float, float)
+    assert config.layers_to_transform == [1] and type(config.rank_pattern["q_proj"]) is int
+    assert AdapterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ConfigError, match="r must be a positive integer"):
+        AdapterConfig.create("lora", r=np.bool_(True))
