@@ -100,7 +100,7 @@ def test_rank_and_alpha_patterns_match_peft() -> None:
     ours = copy.deepcopy(model)
     inject(ours, AdapterConfig.create("lora", alpha=8.0, **options))
     theirs = peft_inner(peft_model(model, lora_alpha=8.0, **options))
-    found = adapters(ours)
+    found = {path: layer.adapters["default"] for path, layer in adapters(ours).items()}
     assert len(found) == 6
     for path, adapter in found.items():
         layer = theirs.get_submodule(path)
@@ -117,7 +117,7 @@ def test_rslora_scaling_per_module() -> None:
     options = {"target_modules": ["q_proj"], "r": 4, "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 16}}
     inject(ours, AdapterConfig.create("lora", alpha=8.0, use_rslora=True, **options))
     theirs = peft_inner(peft_model(model, lora_alpha=8.0, use_rslora=True, **options))
-    for path, adapter in adapters(ours).items():
+    for path, adapter in ((p, a.adapters["default"]) for p, a in adapters(ours).items()):
         assert adapter.scaling == pytest.approx(8.0 / adapter.r ** 0.5)
         assert adapter.scaling == pytest.approx(theirs.get_submodule(path).scaling["default"])
 
@@ -252,7 +252,8 @@ def test_export_names_exactly_the_trained_modules_for_peft(tmp_path: Any) -> Non
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / "a"))
     inner = theirs.base_model.model
     assert [p for p, m in inner.named_modules() if isinstance(m, LoraLayer)] == chosen
-    assert {p: inner.get_submodule(p).r["default"] for p in chosen} == {p: a.r for p, a in adapters(ours).items()}
+    ranks = {p: (a.adapters["default"] if hasattr(a, "adapters") else a).r for p, a in adapters(ours).items()}
+    assert {p: inner.get_submodule(p).r["default"] for p in chosen} == ranks
     x = torch.randn(2, 4)
     assert torch.allclose(theirs(x), ours(x), atol=1e-6)
     again = copy.deepcopy(model)
