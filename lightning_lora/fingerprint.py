@@ -1,30 +1,158 @@
-"""Base fingerprints: a short hash that tells whether an adapter is being put on the base it was trained on."""
+"""Base fingerprints: which base model an adapter was trained on, robust to a dtype cast of that base.
+
+A fingerprint is a small JSON string (it goes into safetensors metadata and checkpoints): a hash of the base's tensor
+names and shapes, and a few sampled values of each tensor in its own dtype. ``compare_fingerprints`` requires equal
+names and shapes; values must be equal where the dtypes are, and within one unit in the last place of the coarser
+dtype where a cast changed them (a plain hash cannot do that: about 6% of bfloat16 values change in a float16 round
+trip). Fingerprints of 16 hex digits (before this format) are still read and compared as before.
+
+This module imports nothing from the package at load time: ``AdaptedLayer`` calls ``remember_base`` and
+``note_written`` when it merges, because merging rounds, and a fingerprint must not change when a model is merged.
+"""
 
 from __future__ import annotations
 
+import base64
+import collections
 import hashlib
+import json
+from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .methods.base import WeightAdapter, weight_sample
-from .surgery import adapters, base_state_dict
+SAMPLES = 16
+VERSION = 2
+MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+FLOAT16_SUBNORMAL = 2.0 ** -24  # float16 rounds everything below 2**-14 to a multiple of this
+
+# weight -> (sampled values of the base before the first merge, values just written by a merge or unmerge)
+_bases: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def sample(weight: Tensor, samples: int = SAMPLES) -> Tensor:
+    """``samples`` evenly spaced values of ``weight``, in its dtype, on the CPU."""
+    flat = weight.detach().reshape(-1)
+    count = min(samples, flat.numel())
+    # integer arithmetic: a float32 linspace rounds the last index past the end of tensors over 2**24 elements
+    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+    return flat[index].cpu()
+
+
+def _is_plain(weight: Tensor) -> bool:
+    return type(weight.data) is torch.Tensor and not weight.is_meta  # not quantized tensor subclasses
+
+
+def remember_base(weight: Tensor) -> None:
+    """Called before an unmerged weight is first overwritten by a merge: keep its sample, unless one kept earlier is
+    still valid (the weight still holds what the last merge or unmerge wrote, which is the base up to rounding)."""
+    if _is_plain(weight) and remembered_base(weight) is None:
+        _bases[weight] = (sample(weight), None)
+
+
+def note_written(weight: Tensor) -> None:
+    """Called after a merge or unmerge wrote ``weight``."""
+    if weight in _bases:
+        _bases[weight] = (_bases[weight][0], sample(weight))
+
+
+def remembered_base(weight: Tensor) -> Optional[Tensor]:
+    """The sample of ``weight`` before it was first merged, if nothing but merges and unmerges wrote it since."""
+    kept = _bases.get(weight)
+    if kept is None or kept[1] is None or not _is_plain(weight):
+        return None
+    now = sample(weight)
+    return kept[0] if now.dtype == kept[1].dtype and torch.equal(now, kept[1]) else None
+
+
+def _sampled(tensor: Tensor) -> bool:
+    return not tensor.is_meta and tensor.numel() > 0 and (tensor.is_floating_point() or tensor.dtype == torch.int64)
 
 
 @torch.no_grad()
-def base_fingerprint(model: nn.Module, samples: int = 16) -> str:
-    """A short hash of the base weights' names, shapes and a few values each.
+def base_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of ``model``'s base (adapter tensors excluded, merged updates taken out), as a JSON string.
 
-    Values are rounded to bfloat16 so that a dtype cast does not change the fingerprint, and sampled so that a 1B
-    model is fingerprinted in milliseconds. Adapted layers report their base weight without the update, exactly as it
-    was before merging (``WeightAdapter.base_weight_sample``), so merging does not change the fingerprint.
+    Values are sampled so that a 1B model is fingerprinted in milliseconds. Merging does not change it: a merged
+    layer reports the base sample kept before its first merge.
     """
-    digest = hashlib.sha256()
-    layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items() if isinstance(a, WeightAdapter)}
+    from .methods.base import AdaptedLayer  # imported here: the methods import this module
+    from .surgery import adapters, base_state_dict
+
+    layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items() if isinstance(a, AdaptedLayer)}
+    structure, legacy = hashlib.sha256(), hashlib.sha256()
+    tensors = []
     for key, tensor in sorted(base_state_dict(model).items()):
-        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
-        if tensor.is_meta or tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.dtype == torch.int64):
+        entry = f"{key}:{tuple(tensor.shape)};".encode()
+        structure.update(entry)
+        legacy.update(entry)
+        if not _sampled(tensor):
             continue
-        sample = layers[key].base_weight_sample(samples) if key in layers else weight_sample(tensor, samples)
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+        values = _base_sample(layers[key]) if key in layers else sample(tensor)
+        legacy.update(values.to(torch.bfloat16).float().numpy().tobytes())  # the fingerprint before version 2
+        raw = base64.b64encode(values.contiguous().view(torch.uint8).numpy().tobytes()).decode()
+        tensors.append(f"{str(values.dtype).removeprefix('torch.')}:{raw}")
+    return json.dumps({"version": VERSION, "structure": structure.hexdigest()[:16], "legacy": legacy.hexdigest()[:16],
+                       "tensors": tensors}, separators=(",", ":"))
+
+
+def _base_sample(layer: nn.Module) -> Tensor:
+    kept = remembered_base(layer.weight)
+    if kept is not None:
+        return kept
+    return sample(layer.unmerged_weight() if layer.merged else layer.weight)
+
+
+def compare_fingerprints(saved: str, current: str) -> Optional[str]:
+    """None when the base fingerprinted as ``saved`` is the one fingerprinted as ``current`` (possibly cast to another
+    floating dtype); otherwise why not, in words (another model, or other values and which dtypes were involved)."""
+    old, new = _parse(saved), _parse(current)
+    if old is None or new is None:  # a fingerprint from before version 2: an exact hash
+        before = saved if old is None else old["legacy"]
+        now = current if new is None else new["legacy"]
+        return None if before == now else f"the base weights differ (fingerprint {before}, this model {now})"
+    if old["structure"] != new["structure"] or len(old["tensors"]) != len(new["tensors"]):
+        return "it was saved from another model (the base's parameter names or shapes differ from this model's)"
+    pairs = [(_decode(a), _decode(b)) for a, b in zip(old["tensors"], new["tensors"])]
+    differ = sum(not _close(a, b) for a, b in pairs)
+    if not differ:
+        return None
+    was, now = _main_dtype(a for a, _ in pairs), _main_dtype(b for _, b in pairs)
+    if was != now:
+        return (f"the adapter was saved over a {was} base and this base is {now}, and {differ} of {len(pairs)} sampled "
+                "tensors differ by more than a cast between the two rounds: it looks like another base. If it is the "
+                "same base (a float16 cast can also overflow), pass check_base=False")
+    return (f"same parameter names, shapes and dtype ({now}), but {differ} of {len(pairs)} sampled tensors hold other "
+            "values: another base model, or a changed one")
+
+
+def _parse(fingerprint: str) -> Optional[dict]:
+    if not fingerprint.startswith("{"):
+        return None
+    data = json.loads(fingerprint)
+    return data if isinstance(data, dict) and data.get("version") == VERSION else None
+
+
+def _decode(entry: str) -> Tensor:
+    dtype_name, _, raw = entry.partition(":")
+    data = bytearray(base64.b64decode(raw))
+    return torch.frombuffer(data, dtype=torch.uint8).view(getattr(torch, dtype_name)) if data else torch.empty(0)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal in the same dtype; within one unit in the last place of the coarser dtype across a cast."""
+    if a.dtype == b.dtype or a.numel() != b.numel():
+        return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # bitwise: NaN == NaN
+    a64, b64 = a.double(), b.double()
+    bits = min(MANTISSA_BITS.get(a.dtype, 52), MANTISSA_BITS.get(b.dtype, 52))
+    _, exponent = torch.frexp(torch.maximum(a64.abs(), b64.abs()))
+    tolerance = torch.ldexp(torch.ones_like(a64), exponent - 1 - bits)
+    if torch.float16 in (a.dtype, b.dtype):
+        tolerance = tolerance.clamp_min(FLOAT16_SUBNORMAL)
+    return bool(((a64 - b64).abs() <= tolerance).all())
+
+
+def _main_dtype(samples) -> str:
+    counts = collections.Counter(str(s.dtype).removeprefix("torch.") for s in samples)
+    return counts.most_common(1)[0][0] if counts else "empty"

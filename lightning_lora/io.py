@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory, write_json
 from .config import AdapterConfig, ConfigError, LoRAConfig, exact_targets
-from .fingerprint import base_fingerprint
-from .surgery import adapter_state_dict, adapters, attach, injected_config, prepare
+from .fingerprint import base_fingerprint, compare_fingerprints
+from .methods.base import DEFAULT_ADAPTER, adapter_prefix
+from .surgery import Adapter, adapters, attach, injected_config, prepare
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,6 +34,14 @@ class AdapterFileError(ValueError):
 
 
 # -- PEFT naming ---------------------------------------------------------------------------------------------------
+def file_tensors(found: dict[str, Adapter], name: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+    """Adapter tensors by their names in an adapter file, which are PEFT's without its ``base_model.model.`` prefix:
+    the model's ``<path>.adapters.<name>.lora_A.weight`` is the file's ``<path>.lora_A.weight`` (a pure rename)."""
+    prefix = adapter_prefix(name)
+    return {(f"{path}." if path else "") + key.removeprefix(prefix): tensor
+            for path, adapter in found.items() for key, tensor in adapter.adapter_tensors().items()}
+
+
 def find_hf_model(module: nn.Module) -> tuple[str, nn.Module] | None:
     """The one outermost transformers ``PreTrainedModel`` inside ``module`` (path and module), or None if there is
     none. Several are an error that asks for the path."""
@@ -72,9 +81,9 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
         hf_config = getattr(model, "config", None)
         return config.to_peft_dict(
             targets=list(found),
-            ranks={p: a.r for p, a in found.items()},
-            alphas={p: a.alpha for p, a in found.items()},
-            fan_in_fan_out=any(getattr(a, "fan_in_fan_out", False) for a in found.values()),
+            ranks={p: a.adapters[DEFAULT_ADAPTER].r for p, a in found.items()},
+            alphas={p: a.adapters[DEFAULT_ADAPTER].alpha for p, a in found.items()},
+            fan_in_fan_out=any(a.kind.fan_in_fan_out for a in found.values()),
             base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
             task_type=_task_type(model),
             module_paths=(p for p, _ in model.named_modules()),
@@ -98,7 +107,7 @@ def save_adapter(model: nn.Module, directory: PathLike) -> Path:
     check_export_target(directory, ADAPTER_KIND)
     config = adapter_config_dict(model)
     # a copy per key, as PEFT does: tensors the user tied would otherwise make safetensors refuse the file
-    tensors = {PEFT_PREFIX + k: v.to('cpu', copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + k: v.to('cpu', copy=True).contiguous() for k, v in file_tensors(adapters(model)).items()}
     metadata = {"format": "pt", FINGERPRINT_KEY: base_fingerprint(model), "lightning_lora.method": injected_config(model).method}
     with export_directory(directory, ADAPTER_KIND) as staging:
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata=metadata)
@@ -143,7 +152,8 @@ def _check_tensor_values(weights_path: Path, tensors: dict[str, Tensor]) -> None
 
 
 def read_adapter(directory: PathLike) -> tuple[AdapterConfig, dict[str, Tensor], dict[str, str]]:
-    """Config, tensors (our key names) and metadata of an adapter directory; clear errors for broken files."""
+    """Config, tensors (named as in ``file_tensors``) and metadata of an adapter directory; clear errors for broken
+    files."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"Expected the path of an adapter directory, got {type(directory).__name__}.")
     directory = Path(directory)
@@ -239,10 +249,9 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
     """
     config, tensors, metadata = read_adapter(directory)
     directory = Path(directory)
-    prepared = prepare(model, _drop_unused_patterns(config, tensors))
-    expected: dict[str, Tensor] = {}
-    for path, adapter in prepared.items():
-        expected.update({f"{path}.{name}" if path else name: t for name, t in adapter.adapter_tensors().items()})
+    # seeded in a forked RNG: the file overwrites the initial values, and the caller's random stream must not move
+    prepared = prepare(model, _drop_unused_patterns(config, tensors), seed=0)
+    expected = file_tensors(prepared)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(
@@ -255,11 +264,11 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
         raise AdapterFileError(_rank_mismatch(directory, config, tensors, expected) or
                                f"{directory} was saved for a base of another shape: {'; '.join(wrong[:5])}.")
     saved_fingerprint = metadata.get(FINGERPRINT_KEY)
-    if check_base and saved_fingerprint and saved_fingerprint != base_fingerprint(model):
+    mismatch = compare_fingerprints(saved_fingerprint, base_fingerprint(model)) if check_base and saved_fingerprint else None
+    if mismatch:
         raise AdapterFileError(
-            f"{directory} was trained on a different base model (fingerprint {saved_fingerprint}, this model "
-            f"{base_fingerprint(model)}): its outputs would be wrong. Load the base it was trained on, or pass "
-            "check_base=False if you changed the base on purpose."
+            f"{directory} was trained on a different base model: {mismatch}. Its outputs would be wrong; load the base "
+            "it was trained on, or pass check_base=False if you changed the base on purpose."
         )
     with torch.no_grad():
         for key, tensor in expected.items():

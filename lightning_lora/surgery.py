@@ -14,25 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig, ConfigError, as_adapter_config
-from .methods.base import (
-    LINEAR_TYPES,
-    InsertedAdapter,
-    MergeError,
-    WeightAdapter,
-    method_spec,
-)
+from .methods.base import LINEAR_TYPES, AdaptedLayer, InsertedAdapter, MergeError
+from .methods.registry import method_spec
 from .targeting import resolve_targets
 
 log = logging.getLogger(__name__)
 
-Adapter = Union[WeightAdapter, InsertedAdapter]
+Adapter = Union[AdaptedLayer, InsertedAdapter]
 
 
 def adapters(model: nn.Module) -> dict[str, Adapter]:
     """Every adapter in ``model`` by the path of the layer it adapts (an inserted adapter: its sublayer's path)."""
     found: dict[str, Adapter] = {}
     for path, module in model.named_modules():
-        if isinstance(module, WeightAdapter):
+        if isinstance(module, AdaptedLayer):
             found[path] = module
         elif isinstance(module, InsertedAdapter):
             found[path.rsplit(".", 1)[0] if "." in path else ""] = module
@@ -61,14 +56,18 @@ def prepare(model: nn.Module, config: AdapterConfig, seed: int | None = None) ->
     default = (lambda m: spec.default_targets(m, config)) if spec.default_targets else None
     targets = resolve_targets(model, config, spec.is_supported, LINEAR_TYPES, default)
     modules = dict(model.named_modules())
-    if spec.mergeable:
-        _refuse_shared_weights(model, targets, modules)
+
+    def build(path: str) -> Adapter:
+        built = spec.build(modules[path], config, path)
+        return AdaptedLayer(modules[path], built) if spec.mergeable else built
+
     if seed is None:
-        return {path: spec.build(modules[path], config, path) for path in targets}
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        return {path: build(path) for path in targets}
+    # every device's generator: adapters of a model spread over several GPUs draw from each of them
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        return {path: spec.build(modules[path], config, path) for path in targets}
+        return {path: build(path) for path in targets}
 
 
 def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
@@ -76,7 +75,7 @@ def attach(model: nn.Module, prepared: dict[str, Adapter]) -> list[str]:
     for path, adapter in prepared.items():
         target = model.get_submodule(path)
         adapter.train(target.training)  # dropout follows the mode the model is in
-        if isinstance(adapter, WeightAdapter):
+        if isinstance(adapter, AdaptedLayer):
             _set_submodule(model, path, adapter)
         else:
             adapter.attach(target)
@@ -118,15 +117,18 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
 
 
-def weight_adapters(model: nn.Module, action: str = "merge") -> list[WeightAdapter]:
-    """The model's weight-update adapters; a ``MergeError`` if it holds inserted adapters, which cannot ``action``."""
+def weight_adapters(model: nn.Module, action: str = "merge") -> list[AdaptedLayer]:
+    """The model's adapted layers; a ``MergeError`` if it holds inserted adapters, which cannot ``action``, or an
+    adapted layer whose weight is tied to another module's (the merge would change both)."""
     found = adapters(model)
     if any(isinstance(a, InsertedAdapter) for a in found.values()):
         raise MergeError(
             f"{injected_config(model).method!r} adapters are inserted modules and cannot be {action}d into the base "
             "weights; export the adapter with save_adapter(...) (or LoRACallback(export_merged=False)) instead."
         )
-    return [a for a in found.values() if isinstance(a, WeightAdapter)]
+    layers = {path: a for path, a in found.items() if isinstance(a, AdaptedLayer)}
+    _refuse_tied_weights(model, layers, action)
+    return list(layers.values())
 
 
 def merge(model: nn.Module, safe: bool = True) -> None:
@@ -158,10 +160,10 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         merge_all(model)
     else:
         for adapter in found.values():
-            if isinstance(adapter, WeightAdapter):
+            if isinstance(adapter, AdaptedLayer):
                 adapter.unmerge()
     for path, adapter in found.items():
-        if isinstance(adapter, WeightAdapter):
+        if isinstance(adapter, AdaptedLayer):
             _set_submodule(model, path, adapter.unwrap())
         else:
             adapter.detach(model.get_submodule(path))
@@ -172,9 +174,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside the block (merged adapters are unmerged for it and merged back after)."""
     found = list(adapters(model).values())
-    remerge = [a for a in found if isinstance(a, WeightAdapter) and a.merged]
-    for adapter in remerge:
-        adapter.unmerge()
+    remerge = [(a, [n for n, u in a.adapters.items() if u.merged]) for a in found if isinstance(a, AdaptedLayer)]
+    for adapter, names in remerge:
+        adapter.unmerge(names)
     previous = [a.enabled for a in found]
     for adapter in found:
         adapter.enabled = False
@@ -183,8 +185,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for adapter, enabled in zip(found, previous):
             adapter.enabled = enabled
-        for adapter in remerge:
-            adapter.merge()
+        for adapter, names in remerge:
+            adapter.merge(names)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -199,19 +201,21 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-def _refuse_shared_weights(model: nn.Module, targets: list[str], modules: dict[str, nn.Module]) -> None:
-    """A weight shared between modules (tied embeddings) would be changed for all of them by a merge."""
-    owners: dict[int, list[str]] = {}
-    for path, module in modules.items():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            owners.setdefault(id(weight), []).append(path)
-    for path in targets:
-        others = [p for p in owners.get(id(modules[path].weight), []) if p != path]
+def _refuse_tied_weights(model: nn.Module, layers: dict[str, AdaptedLayer], action: str) -> None:
+    """A weight shared between modules (tied embeddings) would be changed for all of them by a merge. Training and
+    saving the adapter work (as in PEFT); merging it does not."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for path, layer in layers.items():
+        own = f"{path}.weight" if path else "weight"
+        others = [n for n in names.get(id(layer.weight), []) if n != own]
         if others:
-            raise ConfigError(
-                f"{path} shares its weight with {', '.join(others)} (tied embeddings): adapting one and merging would "
-                f"change the other. Exclude {path} with exclude_modules, or untie the weights first."
+            raise MergeError(
+                f"{path}'s weight is tied to {', '.join(others)}: merging its adapter would change both, so it cannot "
+                f"be {action}d. Save the adapter with save_adapter(...) instead (it works with tied weights), untie the "
+                f"weights before injecting (e.g. give {others[0].rsplit('.', 1)[0]} its own copy of the weight), or "
+                f"leave {path} out with exclude_modules."
             )
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_lora.io import file_tensors
 from lightning_lora.surgery import adapters
 
 ADAPTER = "default"
@@ -21,6 +22,7 @@ PEFT_WARNINGS = [
     "ignore:Setting `save_embedding_layers` to `True`:UserWarning",
     "ignore:aLoRA is currently only supported for CAUSAL_LM task:UserWarning",
     "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+    "ignore:Model has `tie_word_embeddings=True` and a tied layer is part of the adapter:UserWarning",
 ]
 
 
@@ -44,7 +46,7 @@ def peft_adapted_paths(model: nn.Module) -> list[str]:
 
 
 def peft_tensor(model: nn.Module, key: str) -> Tensor:
-    """The PEFT tensor for one of our adapter keys, e.g. ``layers.0.q_proj.lora_A.weight``.
+    """The PEFT tensor for one of our adapter file keys (``io.file_tensors``), e.g. ``layers.0.q_proj.lora_A.weight``.
 
     Ours: ``<path>.lora_A.weight``, ``<path>.lora_embedding_A``, ``<path>.lora_magnitude_vector``.
     PEFT: ``lora_A[adapter].weight``, ``lora_embedding_A[adapter]``, ``lora_magnitude_vector[adapter].weight``.
@@ -64,21 +66,15 @@ def peft_tensor(model: nn.Module, key: str) -> Tensor:
 def ours_to_peft(ours: nn.Module, theirs: nn.Module) -> None:
     """Copy every adapter tensor of ``ours`` into the matching PEFT tensor (shapes must agree)."""
     with torch.no_grad():
-        for path, adapter in adapters(ours).items():
-            for name, tensor in adapter.adapter_tensors().items():
-                target = peft_tensor(theirs, f"{path}.{name}")
-                assert target.shape == tensor.shape, (path, name, target.shape, tensor.shape)
-                target.copy_(tensor)
+        for key, tensor in file_tensors(adapters(ours)).items():
+            target = peft_tensor(theirs, key)
+            assert target.shape == tensor.shape, (key, target.shape, tensor.shape)
+            target.copy_(tensor)
 
 
 def adapter_grads(ours: nn.Module, theirs: nn.Module) -> list[tuple[str, Tensor, Tensor]]:
     """(key, our grad, PEFT's grad) for every adapter tensor of ``ours``."""
-    out = []
-    for path, adapter in adapters(ours).items():
-        for name, tensor in adapter.adapter_tensors().items():
-            key = f"{path}.{name}"
-            out.append((key, tensor.grad, peft_tensor(theirs, key).grad))
-    return out
+    return [(key, tensor.grad, peft_tensor(theirs, key).grad) for key, tensor in file_tensors(adapters(ours)).items()]
 
 
 def randomize_adapters(model: nn.Module, seed: int, scale: float = 0.3) -> None:

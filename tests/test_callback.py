@@ -100,10 +100,10 @@ def test_resume_reports_real_key_mismatches(tmp_path: Path) -> None:
     trainer(tmp_path, [lora(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
     saved = torch.load(checkpoint.last_model_path, weights_only=True)
     saved["state_dict"]["model.not_a_parameter"] = torch.zeros(1)
-    del saved["state_dict"]["model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    del saved["state_dict"]["model.model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight"]
     broken = tmp_path / "broken.ckpt"
     torch.save(saved, broken)
-    with pytest.raises(ll.ConfigError, match=r"missing \['model.model.layers.0.self_attn.q_proj.lora_A.weight'\]"):
+    with pytest.raises(ll.ConfigError, match=r"missing \['model.model.layers.0.self_attn.q_proj.adapters.default.lora_A.weight'\]"):
         trainer(tmp_path, [lora()]).fit(TinyLlamaModule(), TokensDataModule(), ckpt_path=broken)
 
 

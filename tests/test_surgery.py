@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.methods.base import MergeError, WeightAdapter
+from lightning_lora.methods.base import AdaptedLayer, MergeError
 from lightning_lora.surgery import (
+    adapter_parameters,
     adapter_state_dict,
     adapters,
     disable_adapters,
@@ -150,7 +151,7 @@ def test_unload_with_merge_gives_back_the_original_module_merged(case: Case, mer
     if merge_first:
         merge(case.model)
     assert unload(case.model, merge=True) is case.model
-    assert case.model.layer is case.original and not isinstance(case.model.layer, WeightAdapter)
+    assert case.model.layer is case.original and not isinstance(case.model.layer, AdaptedLayer)
     assert case.original.weight is layer.weight  # the same Parameter object, not a copy
     close(case.original.weight, expected_weight, tol(expected_weight))
     with torch.no_grad():
@@ -217,7 +218,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing(method: str) -> None:
     model = lora_llama(method=method)
     last = list(adapters(model).values())[-1]  # the other layers would merge first if merging were not checked
     with torch.no_grad():
-        last.lora_B.weight[0, 0] = float("inf")
+        last.adapters["default"].lora_B.weight[0, 0] = float("inf")
     before = snapshot(model)
     with pytest.raises(MergeError, match="inf/NaN"):
         merge(model)
@@ -232,7 +233,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing(method: str) -> None:
 def test_unsafe_merge_merges_anyway() -> None:
     model = lora_llama()
     with torch.no_grad():
-        list(adapters(model).values())[-1].lora_B.weight[0, 0] = float("nan")
+        list(adapters(model).values())[-1].adapters["default"].lora_B.weight[0, 0] = float("nan")
     merge(model, safe=False)
     assert all(a.merged for a in adapters(model).values())
 
@@ -300,16 +301,25 @@ def test_injecting_twice_is_refused() -> None:
     assert module_types(model) == types
 
 
-@pytest.mark.parametrize("target,other", [("embed_tokens", "lm_head"), ("lm_head", "model.embed_tokens")])
-def test_tied_embeddings_are_refused(target: str, other: str) -> None:
+@pytest.mark.parametrize("target,other", [("embed_tokens", "lm_head.weight"), ("lm_head", "model.embed_tokens.weight")])
+def test_tied_weights_train_but_do_not_merge(target: str, other: str) -> None:
+    """As in PEFT: an adapter on one of two tied modules trains (the weight stays shared and frozen); merging it
+    would change the other module too, so merge, merging unload and the merged state dict refuse, changing nothing."""
+    from lightning_lora.export import merged_state_dict
+
     model = make_llama(tie=True)
+    inject(model, AdapterConfig.create("lora", target_modules=[target, "q_proj"], r=2, init_weights=False))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.weight.requires_grad
+    logits(model, torch.tensor([[3, 4, 5]])).square().mean().backward()
+    assert all(p.grad is not None for p in adapter_parameters(model))
+    before, types = snapshot(model), module_types(model)
+    for action in (lambda: merge(model), lambda: unload(model, merge=True), lambda: merged_state_dict(model)):
+        with pytest.raises(MergeError, match=rf"weight is tied to {other}.*save_adapter.*exclude_modules"):
+            action()
+        assert_same_state(model, before)
+        assert module_types(model) == types and not any(a.merged for a in adapters(model).values())
+    unload(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    types = module_types(model)
-    with pytest.raises(ConfigError, match=rf"shares its weight with {other} \(tied embeddings\)"):
-        inject(model, AdapterConfig.create("lora", target_modules=[target, "q_proj"]))
-    assert module_types(model) == types
-    assert all(p.requires_grad for p in model.parameters())
-    assert inject(model, AdapterConfig.create("lora", target_modules=[target, "q_proj"], exclude_modules=[target]))
 
 
 def test_only_adapter_parameters_require_grad_and_counts() -> None:
@@ -336,8 +346,9 @@ def test_adapters_report_the_adapted_paths() -> None:
     paths = inject(model, AdapterConfig.create("lora", target_modules=["embed", "conv", "head"], r=2))
     assert paths == ["embed", "conv", "head"] and list(adapters(model)) == paths
     keys = set(adapter_state_dict(model))
-    assert keys == {"embed.lora_embedding_A", "embed.lora_embedding_B", "conv.lora_A.weight", "conv.lora_B.weight",
-                    "head.lora_A.weight", "head.lora_B.weight"}
+    assert keys == {f"{path}.adapters.default.{name}" for path, name in [
+        ("embed", "lora_embedding_A"), ("embed", "lora_embedding_B"), ("conv", "lora_A.weight"), ("conv", "lora_B.weight"),
+        ("head", "lora_A.weight"), ("head", "lora_B.weight")]}
 
 
 def test_disable_adapters_restores_flags_after_an_error() -> None:

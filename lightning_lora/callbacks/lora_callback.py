@@ -26,7 +26,7 @@ from lightning_lora.config import AdapterConfig, ConfigError
 from lightning_lora.export import export_merged
 from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.io import find_hf_model, save_adapter
-from lightning_lora.methods.base import method_spec
+from lightning_lora.methods.registry import method_spec
 from lightning_lora.surgery import (
     adapter_parameters,
     adapters,

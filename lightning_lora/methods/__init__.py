@@ -1,6 +1,6 @@
-"""One module per method; importing this package registers them all in ``methods.base.METHODS``."""
+"""One module per method; ``registry.METHODS`` names them all."""
 
-from . import bottleneck, dora, lora  # noqa: F401
-from .base import METHODS, InsertedAdapter, MethodSpec, WeightAdapter, method_spec
+from .base import AdaptedLayer, InsertedAdapter, MergeError, MethodSpec, WeightUpdate
+from .registry import METHODS, method_spec
 
-__all__ = ["METHODS", "InsertedAdapter", "MethodSpec", "WeightAdapter", "method_spec"]
+__all__ = ["METHODS", "AdaptedLayer", "InsertedAdapter", "MergeError", "MethodSpec", "WeightUpdate", "method_spec"]

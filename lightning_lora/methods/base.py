@@ -1,18 +1,22 @@
-"""The two adapter interfaces and the registry that maps a method name to its implementation.
+"""The two adapter interfaces: ``AdaptedLayer`` (weight-update methods) and ``InsertedAdapter`` (inserted modules).
 
-Weight-update methods wrap one base layer and can be merged into it; inserted-module methods attach beside a
-sublayer and cannot. ``surgery`` and ``io`` are written once against these two interfaces.
+A weight-update method is one small ``WeightUpdate`` module: its forward adds the method's update to the base output,
+``delta_weight`` gives the same update as a change of the weight. ``AdaptedLayer`` sits in the model in place of the
+base layer, runs the base computation once and then each unmerged update, and implements merge and unmerge for all
+methods. Updates live in an ``nn.ModuleDict`` keyed by adapter name, so several named adapters can share a layer.
+Inserted-module methods attach beside a sublayer and cannot merge.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import fingerprint
 from ..config import AdapterConfig
 
 try:  # transformers' GPT-2 style layer: weight stored as (in_features, out_features)
@@ -20,153 +24,211 @@ try:  # transformers' GPT-2 style layer: weight stored as (in_features, out_feat
 except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
     Conv1D = type("Conv1D", (nn.Module,), {})
 
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
-CONV_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_ADAPTER = "default"
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)  # what "all-linear" targets
 
 
 class MergeError(RuntimeError):
     """A merge that cannot be done; the model is unchanged."""
 
 
-FINGERPRINT_SAMPLES = 16
+# -- the base layers an AdaptedLayer can wrap, and how each computes its output ----------------------------------------
+def _linear(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    return F.linear(x, layer.weight, layer.bias)
 
 
-def _sampled(weight: Tensor, samples: int) -> Tensor:
-    flat = weight.detach().reshape(-1)
-    count = min(samples, flat.numel())
-    # integer arithmetic: a float32 linspace rounds the last index past the end of tensors over 2**24 elements
-    index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-    return flat[index]
+def _conv1d_transposed(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    return x @ layer.weight if layer.bias is None else torch.addmm(layer.bias, x, layer.weight)
 
 
-def _is_plain(weight: Tensor) -> bool:
-    return type(weight.data) is torch.Tensor and not weight.is_meta  # not quantized tensor subclasses
+def _conv(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    return layer.original_module._conv_forward(x, layer.weight, layer.bias)  # honors padding_mode
 
 
-def _written(weight: Tensor) -> Optional[Tensor]:
-    """The raw sampled values just written, to tell later whether anything else has written the weight since."""
-    return _sampled(weight, FINGERPRINT_SAMPLES).cpu() if _is_plain(weight) else None
+def _embedding(layer: AdaptedLayer, x: Tensor) -> Tensor:
+    m = layer.original_module
+    return F.embedding(x, layer.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
 
-def weight_sample(weight: Tensor, samples: int = FINGERPRINT_SAMPLES) -> Tensor:
-    """``samples`` evenly spaced values of ``weight``, rounded to bfloat16, as float32 on the CPU (base fingerprints)."""
-    return _sampled(weight, samples).to(torch.bfloat16).float().cpu()
+@dataclasses.dataclass(frozen=True)
+class BaseKind:
+    """How ``AdaptedLayer`` runs one kind of base layer.
 
-
-class WeightAdapter(nn.Module):
-    """A weight-update adapter around one base layer.
-
-    It takes over the base layer's ``weight`` and ``bias`` (the same ``Parameter`` objects), so the model's state dict
-    keeps the base's key names and tied weights stay tied; the original module is kept aside and handed back by
-    ``unwrap``. Subclasses add their trainable tensors and implement ``update`` (the adapter's contribution to the
-    output) and ``delta_weight``.
+    ``family`` ("linear", "conv", "embedding") picks a method's update module. Linear-like layers run on 2-D
+    ``(tokens, features)`` input (``flatten``): their output is then a fresh 2-D tensor that backward does not need,
+    which a LoRA update can accumulate into in place. ``fan_in_fan_out``: the weight is stored ``(in, out)``.
     """
 
-    def __init__(self, base_layer: nn.Module, config: AdapterConfig) -> None:
+    family: str
+    forward: Callable[[Any, Tensor], Tensor]
+    dims: Callable[[nn.Module], tuple[int, int]]  # (in_features, out_features)
+    flatten: bool = False
+    fan_in_fan_out: bool = False
+
+
+_CONV = BaseKind("conv", _conv, lambda m: (m.in_channels, m.out_channels))
+BASE_KINDS: dict[type, BaseKind] = {
+    nn.Linear: BaseKind("linear", _linear, lambda m: (m.in_features, m.out_features), flatten=True),
+    Conv1D: BaseKind("linear", _conv1d_transposed, lambda m: tuple(m.weight.shape), flatten=True, fan_in_fan_out=True),
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.Embedding: BaseKind("embedding", _embedding, lambda m: (m.num_embeddings, m.embedding_dim)),
+}
+
+
+def base_kind(module: nn.Module) -> Optional[BaseKind]:
+    """The ``BASE_KINDS`` entry of ``module``'s class or nearest base class; None for layers we cannot wrap."""
+    return next((BASE_KINDS[cls] for cls in type(module).__mro__ if cls in BASE_KINDS), None)
+
+
+def linear_weight(weight: Tensor, kind: BaseKind) -> Tensor:
+    """``weight`` in ``(out_features, in_features)`` layout, as ``F.linear`` reads it."""
+    return weight.T if kind.fan_in_fan_out else weight
+
+
+# -- one method's trainable part on one layer ------------------------------------------------------------------------
+class WeightUpdate(nn.Module):
+    """The interface of a weight-update method: ``forward(layer, x, out)`` returns ``out`` (the base output, possibly
+    with other updates added) plus this update, without building the full delta where it need not; ``delta_weight``
+    is the same update as a change of the weight, in ``linear_weight`` layout (the layer's weight layout for convolutions
+    and embeddings). ``merged`` is set by ``AdaptedLayer``."""
+
+    def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
+        self.config = config
+        self.merged = False
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        """Merged weight minus unmerged weight; valid whether merged or not."""
+        raise NotImplementedError
+
+    def before_merge(self, layer: AdaptedLayer) -> None:
+        """Keep what ``delta_weight`` needs once the weight holds the merged value."""
+
+    def after_unmerge(self, layer: AdaptedLayer) -> None:
+        """Drop what ``before_merge`` kept."""
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer with weight updates, in the model in place of that layer.
+
+    It takes over the base layer's ``weight`` and ``bias`` (the same ``Parameter`` objects), so the model's state dict
+    keeps the base's key names and tied weights stay tied; the original module is kept aside (outside the module tree)
+    and handed back by ``unwrap``. Updates are in ``adapters`` by name: their tensors are named
+    ``<path>.adapters.<name>.<tensor>`` in the model's state dict.
+    """
+
+    def __init__(self, base_layer: nn.Module, update: WeightUpdate, name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        kind = base_kind(base_layer)
+        if kind is None:
+            raise TypeError(f"{type(base_layer).__name__} is not a layer weight updates can wrap")
         object.__setattr__(self, "original_module", base_layer)  # kept out of the module tree on purpose
         self.weight = base_layer.weight
         self.register_parameter("bias", getattr(base_layer, "bias", None))
-        object.__setattr__(self, "config", config)
-        self.merged = False
+        self.base_op = kind.forward
+        self.flatten = kind.flatten
+        self.kind = kind
+        self.adapters = nn.ModuleDict({name: update})
         self.enabled = True
-        self._base_sample: Optional[Tensor] = None  # see base_weight_sample
-        self._written_sample: Optional[Tensor] = None
-
-    # -- the base layer's own computation, with our weight ---------------------------------------------------------
-    def base_forward(self, x: Tensor) -> Tensor:
-        base = self.original_module
-        if isinstance(base, nn.Linear):
-            return F.linear(x, self.weight, self.bias)
-        if isinstance(base, Conv1D):
-            out = x.reshape(-1, x.shape[-1]) @ self.weight
-            out = out + self.bias if self.bias is not None else out
-            return out.view(*x.shape[:-1], self.weight.shape[1])
-        if isinstance(base, CONV_TYPES):
-            return base._conv_forward(x, self.weight, self.bias)
-        if isinstance(base, nn.Embedding):
-            return F.embedding(x, self.weight, base.padding_idx, base.max_norm, base.norm_type,
-                               base.scale_grad_by_freq, base.sparse)
-        raise TypeError(f"{type(base).__name__} has no base forward")  # excluded by is_supported
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_forward(x)
-        if self.merged or not self.enabled:
-            return out
-        return self.update(x, out)
+        return self._run(x, self.enabled)
 
-    def update(self, x: Tensor, base_out: Tensor) -> Tensor:
-        """The base output plus this method's contribution."""
-        raise NotImplementedError
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base layer's output with the current weight, without unmerged updates."""
+        return self._run(x, False)
 
-    def delta_weight(self) -> Tensor:
-        """Merged weight minus unmerged weight, in the base weight's layout; valid whether merged or not."""
-        raise NotImplementedError
+    def _run(self, x: Tensor, adapted: bool) -> Tensor:
+        shape = x.shape
+        if self.flatten:
+            x = x.reshape(-1, shape[-1])
+        out = self.base_op(self, x)
+        if adapted:
+            for update in self.adapters.values():
+                if not update.merged:
+                    out = update(self, x, out)
+        return out.view(*shape[:-1], out.shape[-1]) if self.flatten else out
+
+    @property
+    def config(self) -> AdapterConfig:
+        """The config of the layer's first adapter."""
+        return next(iter(self.adapters.values())).config
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is folded into the weight."""
+        return any(u.merged for u in self.adapters.values())
+
+    def linear_weight(self) -> Tensor:
+        """The weight in ``(out_features, in_features)`` layout (transposed for ``Conv1D``)."""
+        return linear_weight(self.weight, self.kind)
 
     # -- merge algebra, written once for every weight-update method ------------------------------------------------
+    def delta_weight(self, name: str = DEFAULT_ADAPTER) -> Tensor:
+        """Adapter ``name``'s update in the layout of ``weight``."""
+        return linear_weight(self.adapters[name].delta_weight(self), self.kind)
+
     def merged_weight(self) -> Tensor:
-        """The weight with the update folded in, computed out of place (the model is not changed)."""
-        if self.merged:
+        """The weight with every unmerged adapter folded in, computed out of place (the model is not changed)."""
+        pending = [n for n, u in self.adapters.items() if not u.merged]
+        if not pending:
             return self.weight.detach()
-        return (self.weight.detach().float() + self.delta_weight().float()).to(self.weight.dtype)
+        with torch.no_grad():
+            total = self.weight.float() + sum(self.delta_weight(n).float() for n in pending)
+        return total.to(self.weight.dtype)
+
+    def unmerged_weight(self) -> Tensor:
+        """The weight with every merged adapter taken out again, computed out of place (equal to the base up to
+        rounding)."""
+        done = [n for n, u in self.adapters.items() if u.merged]
+        with torch.no_grad():
+            total = self.weight.float() - sum(self.delta_weight(n).float() for n in done) if done else self.weight
+        return total.to(self.weight.dtype)
 
     def check_mergeable(self) -> None:
-        if not self.merged and not torch.isfinite(self.merged_weight()).all():
+        if not torch.isfinite(self.merged_weight()).all():
             raise MergeError("merging would put inf/NaN into the weight; the adapter weights have diverged")
 
-    def merge(self) -> None:
-        if self.merged:
-            return
-        new_weight = self.merged_weight()
-        base_sample = self.base_weight_sample() if _is_plain(self.weight) else None
-        self.before_merge()
-        with torch.no_grad():
-            self.weight.copy_(new_weight)
-        self.merged = True
-        self._base_sample, self._written_sample = base_sample, _written(self.weight)
+    def merge(self, names: Optional[Iterable[str]] = None) -> None:
+        """Fold adapters ``names`` (default: all) into the weight; merged ones are skipped."""
+        for name in list(self.adapters) if names is None else names:
+            update = self.adapters[name]
+            if update.merged:
+                continue
+            if not self.merged:
+                fingerprint.remember_base(self.weight)  # the exact base, for base fingerprints (merging rounds)
+            with torch.no_grad():
+                new_weight = (self.weight.float() + self.delta_weight(name).float()).to(self.weight.dtype)
+                update.before_merge(self)
+                self.weight.copy_(new_weight)
+            update.merged = True
+            fingerprint.note_written(self.weight)
 
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        with torch.no_grad():
-            delta = self.delta_weight().float()
-            self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
-        self.merged = False
-        self.after_unmerge()
-        self._written_sample = _written(self.weight)
+    def unmerge(self, names: Optional[Iterable[str]] = None) -> None:
+        """Take adapters ``names`` (default: all merged ones) out of the weight again."""
+        for name in reversed(list(self.adapters)) if names is None else names:
+            update = self.adapters[name]
+            if not update.merged:
+                continue
+            with torch.no_grad():
+                delta = self.delta_weight(name).float()
+                self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+            update.merged = False
+            update.after_unmerge(self)
+            fingerprint.note_written(self.weight)
 
-    def base_weight_sample(self, samples: int = FINGERPRINT_SAMPLES) -> Tensor:
-        """``weight_sample`` of the base weight without the update, for base fingerprints.
-
-        Merging rounds: the merged weight minus the update, and the weight after unmerging, equal the base only up to
-        rounding, which would change a hash of the values. So the sample taken before the first merge is returned as
-        long as the weight is still what the last merge or unmerge wrote (nothing else has changed the base since).
-        """
-        kept = self._base_sample
-        written = self._written_sample
-        if kept is not None and written is not None and samples == FINGERPRINT_SAMPLES:
-            now = _written(self.weight)
-            if now is not None and now.dtype == written.dtype and torch.equal(now, written):
-                return kept
-        if not self.merged:
-            return weight_sample(self.weight, samples)
-        with torch.no_grad():
-            return weight_sample(self.weight.float() - self.delta_weight().float(), samples)
-
-    def before_merge(self) -> None:
-        """Cache what ``delta_weight`` needs once the weight holds the merged value."""
-
-    def after_unmerge(self) -> None:
-        """Drop what ``before_merge`` cached."""
-
-    # -- what belongs to the adapter -------------------------------------------------------------------------------
+    # -- what belongs to the adapters ------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, Tensor]:
-        """Adapter-owned parameters and persistent buffers, named relative to the wrapped layer's path."""
-        return {n: t for n, t in self.state_dict(keep_vars=True).items() if n not in ("weight", "bias")}
+        """Adapter parameters and persistent buffers, named relative to the layer (``adapters.<name>.<tensor>``)."""
+        return {f"adapters.{n}": t for n, t in self.adapters.state_dict(keep_vars=True).items()}
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        base = {id(self.weight), id(self.bias)}
-        return (p for p in self.parameters() if id(p) not in base)
+        return self.adapters.parameters()
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's current weight and bias."""
@@ -177,7 +239,28 @@ class WeightAdapter(nn.Module):
         return base
 
     def extra_repr(self) -> str:
-        return f"base={type(self.original_module).__name__}, merged={self.merged}"
+        return f"base={type(self.original_module).__name__}, merged={self.merged}, enabled={self.enabled}"
+
+
+def adapter_prefix(name: str = DEFAULT_ADAPTER) -> str:
+    """How an ``AdaptedLayer``'s tensors of adapter ``name`` start; PEFT's saved names omit it."""
+    return f"adapters.{name}."
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How one method plugs into surgery: which layers it can adapt, how to build it for one of them, and (for
+    inserted methods) where it goes when the user names no targets.
+
+    A weight-update method's ``build`` returns its ``WeightUpdate`` (surgery wraps it in an ``AdaptedLayer``); an
+    inserted method's returns its ``InsertedAdapter``. The table of methods is ``methods.registry.METHODS``.
+    """
+
+    name: str
+    build: Callable[[nn.Module, AdapterConfig, str], nn.Module]
+    is_supported: Callable[[nn.Module], bool]
+    mergeable: bool
+    default_targets: Optional[Callable[[nn.Module, AdapterConfig], list[str]]] = None
 
 
 class InsertedAdapter(nn.Module):
@@ -214,29 +297,3 @@ class InsertedAdapter(nn.Module):
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """How one method plugs into surgery: which layers it can adapt, how to build its adapter for one of them, and
-    (for inserted methods) where it goes when the user names no targets."""
-
-    name: str
-    build: Callable[[nn.Module, AdapterConfig, str], nn.Module]
-    is_supported: Callable[[nn.Module], bool]
-    mergeable: bool
-    default_targets: Optional[Callable[[nn.Module, AdapterConfig], list[str]]] = None
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register(spec: MethodSpec) -> MethodSpec:
-    METHODS[spec.name] = spec
-    return spec
-
-
-def method_spec(name: str) -> MethodSpec:
-    from .. import methods  # noqa: F401  (importing the package registers every method)
-
-    return METHODS[name]

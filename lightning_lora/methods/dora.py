@@ -12,26 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LoRAConfig
-from .base import LINEAR_TYPES, MethodSpec, WeightAdapter, register
-from .lora import LoRALinear, check_rank, rank_and_alpha
+from .base import AdaptedLayer, base_kind, linear_weight
+from .lora import LoRAUpdate, check_rank, rank_and_alpha
 
 
-class DoRALinear(LoRALinear):
-    """DoRA around ``nn.Linear`` or ``Conv1D``; ``lora_magnitude_vector`` is PEFT's name for m."""
+class DoRAUpdate(LoRAUpdate):
+    """DoRA on ``nn.Linear`` or ``Conv1D``: LoRA's A and B plus ``lora_magnitude_vector`` (PEFT's name for m)."""
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, r: int, alpha: float) -> None:
         super().__init__(base_layer, config, r, alpha)
-        self.lora_magnitude_vector = nn.Parameter(self.column_norm().to(self.lora_A.weight.dtype))
+        w = linear_weight(base_layer.weight, base_kind(base_layer))
+        self.lora_magnitude_vector = nn.Parameter(self.column_norm(w).to(self.lora_A.weight.dtype))
         self.register_buffer("_norm_at_merge", None, persistent=False)
 
-    def base_weight(self) -> Tensor:
-        """The frozen weight in (out_features, in_features) layout."""
-        return self.weight.T if self.fan_in_fan_out else self.weight
-
     @torch.no_grad()
-    def column_norm(self) -> Tensor:
-        """||W0 + s B A|| per output unit, in float32, without building W0 + s B A."""
-        w = self.base_weight()
+    def column_norm(self, w: Tensor) -> Tensor:
+        """||w + s B A|| per output unit (w in (out, in) layout), in float32, without building w + s B A."""
         a = self.lora_A.weight.to(w.dtype)
         b = self.lora_B.weight.float()
         w_norm_sq = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square()
@@ -41,50 +37,47 @@ class DoRALinear(LoRALinear):
         norm_sq = w_norm_sq + 2 * s * (b * w_at).sum(1) + s * s * ((b @ a_at) * b).sum(1)
         return norm_sq.clamp_min(0).sqrt()
 
-    forward = WeightAdapter.forward  # DoRA needs the base output whole: not LoRALinear's fused path
-
-    def update(self, x: Tensor, base_out: Tensor) -> Tensor:
-        dtype = base_out.dtype
-        scale = self.lora_magnitude_vector.float() / self.column_norm()
+    def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
+        """``out + (m / ||W0 + s B A|| - 1) W0 x + m / ||W0 + s B A|| s B A x``: needs the base output whole, so it does
+        not use LoRA's in-place path."""
+        dtype = out.dtype
+        w = layer.linear_weight()
+        scale = self.lora_magnitude_vector.float() / self.column_norm(w)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             x_in = x
-            base_no_bias = base_out if self.bias is None else base_out - self.bias
+            base_no_bias = out if layer.bias is None else out - layer.bias
         else:  # as in PEFT: the magnitude rescales the dropped-out input's base projection
             x_in = self.lora_dropout(x)
-            base_no_bias = F.linear(x_in.to(dtype), self.base_weight().to(dtype))
+            base_no_bias = F.linear(x_in.to(dtype), w.to(dtype))
         after_a = F.linear(x_in.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
         lora_out = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype) * self.scaling
         # scale - 1 is taken in float32 (rounding m / ||W|| to bfloat16 first would lose most of it), and the two small
         # terms are summed before the large base output: added one by one in bfloat16, a magnitude change below ~0.3%
         # would round away entirely.
-        return base_out + ((scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out)
+        return out + ((scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out)
 
-    def delta_weight(self) -> Tensor:
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         lora = self.lora_weight() * self.scaling
-        w = self.base_weight().float()
+        w = layer.linear_weight().float()
         if self.merged:  # w holds m/n (W0 + s B A); recover W0 with the norm from merge time
             scale = (self.lora_magnitude_vector.float() / self._norm_at_merge).unsqueeze(1)
-            delta = w - (w / scale - lora)
-        else:
-            scale = (self.lora_magnitude_vector.float() / self.column_norm()).unsqueeze(1)
-            delta = (scale - 1) * w + scale * lora
-        return delta.T if self.fan_in_fan_out else delta
+            return w - (w / scale - lora)
+        scale = (self.lora_magnitude_vector.float() / self.column_norm(layer.linear_weight())).unsqueeze(1)
+        return (scale - 1) * w + scale * lora
 
-    def before_merge(self) -> None:
-        self._norm_at_merge = self.column_norm()
+    def before_merge(self, layer: AdaptedLayer) -> None:
+        self._norm_at_merge = self.column_norm(layer.linear_weight())
 
-    def after_unmerge(self) -> None:
+    def after_unmerge(self, layer: AdaptedLayer) -> None:
         self._norm_at_merge = None
 
 
-def build_dora(base_layer: nn.Module, config: LoRAConfig, path: str) -> DoRALinear:
+def build_dora(base_layer: nn.Module, config: LoRAConfig, path: str) -> DoRAUpdate:
     r, alpha = rank_and_alpha(config, path)
     check_rank(base_layer, r, path)
-    return DoRALinear(base_layer, config, r, alpha)
+    return DoRAUpdate(base_layer, config, r, alpha)
 
 
 def supports_dora(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES)
-
-
-register(MethodSpec("dora", build_dora, supports_dora, mergeable=True))
+    kind = base_kind(module)
+    return kind is not None and kind.family == "linear"

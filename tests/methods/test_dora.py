@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
 from lightning_lora.surgery import inject
-from lightning_lora.methods.dora import DoRALinear
+from lightning_lora.methods.base import AdaptedLayer
+from lightning_lora.methods.dora import DoRAUpdate
 from lightning_lora.surgery import adapters
 
 
@@ -100,7 +101,7 @@ def test_magnitude_starts_as_the_column_norm_like_peft() -> None:
     ours = copy.deepcopy(base)
     inject(ours, AdapterConfig.create("dora", target_modules=["c_attn"], r=4, alpha=4.0, init_weights=False))
     theirs = peft_model(base, target_modules=["c_attn"], r=4, lora_alpha=4.0, use_dora=True)
-    layer = ours.transformer.h[0].attn.c_attn
+    layer = ours.transformer.h[0].attn.c_attn.adapters["default"]
     peft_layer = theirs.base_model.model.transformer.h[0].attn.c_attn
     with torch.no_grad():
         peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
@@ -123,10 +124,11 @@ def test_column_norm_equals_the_full_weight_norm(shape: tuple[int, int], r: int,
     nn.init.normal_(base.weight)
     holder = nn.Sequential(base)
     inject(holder, AdapterConfig.create("dora", target_modules=["0"], r=r, alpha=3.0, init_weights=False))
-    layer = holder[0]
+    layer, dora = holder[0], holder[0].adapters["default"]
     w = layer.weight.T if fan_in_fan_out else layer.weight
-    full = w + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
-    torch.testing.assert_close(layer.column_norm(), torch.linalg.norm(full, dim=1), rtol=1e-5, atol=1e-5)
+    full = w + dora.scaling * dora.lora_B.weight @ dora.lora_A.weight
+    torch.testing.assert_close(dora.column_norm(layer.linear_weight()), torch.linalg.norm(full, dim=1), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_weight_norm_is_detached_from_the_graph() -> None:
@@ -134,7 +136,7 @@ def test_weight_norm_is_detached_from_the_graph() -> None:
     torch.manual_seed(0)
     holder = nn.Sequential(nn.Linear(10, 6))
     inject(holder, AdapterConfig.create("dora", target_modules=["0"], r=3, alpha=3.0, init_weights=False))
-    layer = holder[0]
+    base, layer = holder[0], holder[0].adapters["default"]
     randomize_adapters(holder, seed=2, scale=0.5)
     x = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
     loss_weights = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
@@ -145,10 +147,10 @@ def test_weight_norm_is_detached_from_the_graph() -> None:
         a = layer.lora_A.weight.detach().clone().requires_grad_()
         b = layer.lora_B.weight.detach().clone().requires_grad_()
         m = layer.lora_magnitude_vector.detach().clone().requires_grad_()
-        v = layer.weight.detach() + layer.scaling * b @ a
+        v = base.weight.detach() + layer.scaling * b @ a
         norm = torch.linalg.norm(v, dim=1)
         norm = norm.detach() if detach else norm
-        out = x @ ((m / norm).unsqueeze(1) * v).T + layer.bias.detach()
+        out = x @ ((m / norm).unsqueeze(1) * v).T + base.bias.detach()
         return list(torch.autograd.grad((out * loss_weights).sum(), [a, b, m]))
 
     for mine, expected in zip(ours, reference(detach=True)):
@@ -178,9 +180,10 @@ def test_dora_layer_state_names_follow_peft() -> None:
     model = make_llama()
     inject(model, AdapterConfig.create("dora", target_modules=["q_proj"], r=2))
     layer = model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, DoRALinear)
-    assert set(layer.adapter_tensors()) == {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
-    assert layer.lora_magnitude_vector.shape == (32,)
+    assert isinstance(layer, AdaptedLayer) and isinstance(layer.adapters["default"], DoRAUpdate)
+    assert set(layer.adapter_tensors()) == {f"adapters.default.{n}" for n in ("lora_A.weight", "lora_B.weight",
+                                                                              "lora_magnitude_vector")}
+    assert layer.adapters["default"].lora_magnitude_vector.shape == (32,)
     assert all(p.requires_grad for p in layer.adapter_parameters()) and not layer.weight.requires_grad
     assert len(adapters(model)) == 2
 
@@ -203,13 +206,13 @@ def test_small_magnitude_changes_reach_a_bfloat16_output() -> None:
     nn.init.normal_(base.weight, std=0.02)
     model = nn.Sequential(base)
     inject(model, LoRAConfig(method="dora", r=16, alpha=32, target_modules=["0"]))
-    dora = model[0]
+    layer, dora = model[0], model[0].adapters["default"]
     x = torch.randn(512, 512, dtype=torch.bfloat16)
     eps = 1e-3
     with torch.no_grad():
         dora.lora_B.weight.normal_(std=1e-3)  # about the size a few training steps give
-        dora.lora_magnitude_vector.copy_(dora.column_norm())
-        plain = F.linear(x, dora.weight).float()
+        dora.lora_magnitude_vector.copy_(dora.column_norm(layer.weight))
+        plain = F.linear(x, layer.weight).float()
         before = model(x).float()
         dora.lora_magnitude_vector.mul_(1 + eps)
         after = model(x).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -14,7 +15,9 @@ from peft_oracle import PEFT_WARNINGS, adapter_grads, logits, ours_to_peft, peft
 from torch import Tensor, nn
 
 from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.methods.lora import LoRAConv, LoRAEmbedding, LoRALinear
+from lightning_lora.methods.base import AdaptedLayer
+from lightning_lora.methods.lora import LoRAConvUpdate, LoRAEmbeddingUpdate, LoRAUpdate
+from lightning_lora.io import load_adapter, save_adapter
 from lightning_lora.surgery import adapters, inject
 
 
@@ -42,6 +45,10 @@ def make_convnet(seed: int = 0) -> nn.Module:
     return ConvNet().eval()
 
 
+def make_tied_llama(seed: int = 0) -> nn.Module:
+    return make_llama(seed, tie=True)
+
+
 def token_batch() -> Tensor:
     return torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -59,6 +66,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], Callable[[], Tensor], dict[str, 
      {"target_modules": ["embed", "conv", "block.0", "block.2", "head"], "r": 3, "alpha": 5.0}),
     ("conv2d", make_convnet, image_batch, {"target_modules": ["stem", "down", "mix", "head"], "r": 2, "alpha": 3.0}),
     ("conv2d-rank-above-in-channels", make_convnet, image_batch, {"target_modules": ["stem"], "r": 6, "alpha": 3.0}),
+    ("llama-tied-embeddings", make_tied_llama, token_batch,
+     {"target_modules": ["embed_tokens", "lm_head", "q_proj"], "r": 4, "alpha": 8.0}),
     ("rslora", make_llama, token_batch, {"target_modules": ["q_proj", "up_proj"], "r": 4, "alpha": 8.0,
                                          "use_rslora": True}),
     ("rank-alpha-patterns", make_llama, token_batch,
@@ -122,9 +131,10 @@ def test_default_init_starts_as_the_base_model(make: Callable[[], nn.Module], in
     x = inputs()
     with torch.no_grad():
         torch.testing.assert_close(logits(ours, x), logits(base, x), rtol=0, atol=1e-6)
-    for adapter in adapters(ours).values():
-        zero = adapter.lora_embedding_A if isinstance(adapter, LoRAEmbedding) else adapter.lora_B.weight
-        other = adapter.lora_embedding_B if isinstance(adapter, LoRAEmbedding) else adapter.lora_A.weight
+    for layer in adapters(ours).values():
+        adapter = layer.adapters["default"]
+        zero = adapter.lora_embedding_A if isinstance(adapter, LoRAEmbeddingUpdate) else adapter.lora_B.weight
+        other = adapter.lora_embedding_B if isinstance(adapter, LoRAEmbeddingUpdate) else adapter.lora_A.weight
         assert torch.count_nonzero(zero) == 0 and torch.count_nonzero(other) > 0
 
 
@@ -133,7 +143,7 @@ def test_gaussian_init_draws_a_with_std_one_over_r() -> None:
     layer = nn.Module()
     layer.proj = nn.Linear(256, 256)
     inject(layer, AdapterConfig.create("lora", target_modules=["proj"], r=16, init_weights="gaussian"))
-    adapter = layer.proj
+    adapter = layer.proj.adapters["default"]
     assert torch.count_nonzero(adapter.lora_B.weight) == 0
     assert adapter.lora_A.weight.std().item() == pytest.approx(1 / 16, rel=0.05)
 
@@ -145,20 +155,22 @@ def test_adapter_layer_reuses_the_base_parameters() -> None:
     base_keys = set(model.state_dict())
     inject(model, AdapterConfig.create("lora", target_modules=["c_attn"], r=2))
     layer = model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, LoRALinear) and layer.fan_in_fan_out
+    assert isinstance(layer, AdaptedLayer) and isinstance(layer.adapters["default"], LoRAUpdate)
+    assert layer.kind.fan_in_fan_out
     assert layer.weight is weight and layer.bias is bias
     keys = set(model.state_dict())
     assert base_keys <= keys
-    assert keys - base_keys == {f"transformer.h.{i}.attn.c_attn.lora_{ab}.weight" for i in (0, 1) for ab in "AB"}
+    assert keys - base_keys == {f"transformer.h.{i}.attn.c_attn.adapters.default.lora_{ab}.weight" for i in (0, 1) for ab in "AB"}
 
 
 def test_layer_classes_per_base_type() -> None:
     model = make_plain()
     inject(model, AdapterConfig.create("lora", target_modules=["embed", "conv", "head"], r=2))
-    assert isinstance(model.embed, LoRAEmbedding)
-    assert isinstance(model.conv, LoRAConv) and model.conv.lora_A.kernel_size == (3,)
-    assert model.conv.lora_B.kernel_size == (1,)
-    assert isinstance(model.head, LoRALinear)
+    assert all(isinstance(m, AdaptedLayer) for m in (model.embed, model.conv, model.head))
+    conv = model.conv.adapters["default"]
+    assert isinstance(model.embed.adapters["default"], LoRAEmbeddingUpdate)
+    assert isinstance(conv, LoRAConvUpdate) and conv.lora_A.kernel_size == (3,) and conv.lora_B.kernel_size == (1,)
+    assert isinstance(model.head.adapters["default"], LoRAUpdate)
 
 
 def test_dilated_convolution_matches_its_merged_weight() -> None:
@@ -170,7 +182,8 @@ def test_dilated_convolution_matches_its_merged_weight() -> None:
     model = nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, dilation=2, padding=2))
     inject(model, AdapterConfig.create("lora", target_modules=["0"], r=2, init_weights=False))
     layer = model[0]
-    assert layer.lora_A.dilation == (2, 2) and layer.lora_A.stride == (2, 2) and layer.lora_A.padding == (2, 2)
+    lora_a = layer.adapters["default"].lora_A
+    assert lora_a.dilation == (2, 2) and lora_a.stride == (2, 2) and lora_a.padding == (2, 2)
     x = image_batch()
     with torch.no_grad():
         merged = F.conv2d(x, layer.merged_weight(), layer.bias, stride=2, padding=2, dilation=2)
@@ -229,22 +242,42 @@ def test_dropout_touches_only_the_adapter_input() -> None:
     got = model(x)
     torch.manual_seed(5)
     dropped = F.dropout(x, 0.5, training=True)
-    expected = F.linear(x, layer.weight, layer.bias) + 2.0 * dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    update = layer.adapters["default"]
+    expected = F.linear(x, layer.weight, layer.bias) + 2.0 * dropped @ update.lora_A.weight.T @ update.lora_B.weight.T
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_no_dropout_module_when_dropout_is_zero() -> None:
     model = make_plain()
     inject(model, AdapterConfig.create("lora", target_modules=["head", "conv"], r=2))
-    assert isinstance(model.head.lora_dropout, nn.Identity) and isinstance(model.conv.lora_dropout, nn.Identity)
+    assert all(isinstance(m.adapters["default"].lora_dropout, nn.Identity) for m in (model.head, model.conv))
 
 
 def test_scaling_formula() -> None:
     model = make_plain()
     inject(model, AdapterConfig.create("lora", target_modules=["head", "block.0"], r=4, alpha=6.0,
                                        rank_pattern={"head": 2}))
-    assert model.block[0].scaling == pytest.approx(6.0 / 4)
-    assert model.head.scaling == pytest.approx(6.0 / 2)
+    assert model.block[0].adapters["default"].scaling == pytest.approx(6.0 / 4)
+    assert model.head.adapters["default"].scaling == pytest.approx(6.0 / 2)
     rs = make_plain()
     inject(rs, AdapterConfig.create("lora", target_modules=["head"], r=4, alpha=6.0, use_rslora=True))
-    assert rs.head.scaling == pytest.approx(6.0 / math.sqrt(4))
+    assert rs.head.adapters["default"].scaling == pytest.approx(6.0 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head"]], ids=["embedding", "lm-head"])
+def test_adapter_on_tied_weights_round_trips_through_peft(tmp_path: Path, targets: list[str]) -> None:
+    """An adapter on one of two tied modules saves in PEFT's layout; PEFT and we load it to the same outputs."""
+    import peft
+
+    _, ours, _ = build_pair(make_tied_llama, {"target_modules": targets, "r": 4, "alpha": 8.0})
+    save_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(make_tied_llama(), str(tmp_path / "a")).eval()
+    fresh = make_tied_llama()
+    load_adapter(fresh, tmp_path / "a")
+    x = token_batch()
+    with torch.no_grad():
+        expected = logits(ours, x)
+        torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(fresh, x), expected, rtol=0, atol=0)
+        assert (expected - logits(make_tied_llama(), x)).abs().max() > 1e-3
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
