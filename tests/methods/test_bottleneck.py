@@ -293,3 +293,25 @@ def test_adapter_computes_in_its_own_dtype() -> None:
     out = adapter(h)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, h, rtol=0, atol=0)  # up is zero
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
+def test_gradients_with_gradient_checkpointing(method: str) -> None:
+    """Houlsby's hooks run inside a decoder layer, Pfeiffer's on its output, around the unit transformers recomputes
+    under activation checkpointing: the adapter gradients must be the same with it on."""
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = make_llama()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        inject(model, AdapterConfig.create(method, reduction_factor=4), seed=0)
+        perturb_up(model)
+        calls.append(0)  # calls of the block's attention: a second one when the backward recomputes it
+        model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.__setitem__(-1, calls[-1] + 1))
+        model.train()
+        model(input_ids=token_batch(), labels=token_batch()).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
