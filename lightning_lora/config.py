@@ -361,9 +361,10 @@ class BottleneckConfig(AdapterConfig):
     """Bottleneck adapters: Houlsby et al. 2019 (arXiv 1902.00751) after attention and feed-forward sublayers,
     Pfeiffer et al. 2020 (arXiv 2005.00247) after the feed-forward sublayer only.
 
-    Each adapter is ``h + up(act(down(h)))`` with ``down: d -> d / reduction_factor`` and ``up`` zero-initialized, so
-    the model's output is unchanged at step zero. With ``target_modules`` unset, the sublayer outputs are located
-    in Llama-, GPT-2- and BERT-style models; for other models name the modules whose output the adapter follows.
+    Each adapter adds ``up(act(down(h)))`` where AdapterHub's adapters do (``methods/bottleneck.py``), with
+    ``down: d -> d / reduction_factor`` and ``up`` zero-initialized, so the model's output is unchanged at step zero.
+    With ``target_modules`` unset, the places are located in Llama-, GPT-2- and BERT-style models; for other models
+    name the modules whose output the adapter follows.
     """
 
     method: str = "houlsby"
