@@ -71,7 +71,7 @@ def _sampled(tensor: Tensor) -> bool:
 
 
 @torch.no_grad()
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, samples: int = SAMPLES) -> str:
     """The fingerprint of ``model``'s base (adapter tensors excluded, merged updates taken out), as a JSON string.
 
     Values are sampled so that a 1B model is fingerprinted in milliseconds. Merging does not change it: a merged
@@ -89,7 +89,7 @@ def base_fingerprint(model: nn.Module) -> str:
         legacy.update(entry)
         if not _sampled(tensor):
             continue
-        values = _base_sample(layers[key]) if key in layers else sample(tensor)
+        values = _base_sample(layers[key], samples) if key in layers else sample(tensor, samples)
         legacy.update(values.to(torch.bfloat16).float().numpy().tobytes())  # the fingerprint before version 2
         raw = base64.b64encode(values.contiguous().view(torch.uint8).numpy().tobytes()).decode()
         tensors.append(f"{str(values.dtype).removeprefix('torch.')}:{raw}")
@@ -97,11 +97,11 @@ def base_fingerprint(model: nn.Module) -> str:
                        "tensors": tensors}, separators=(",", ":"))
 
 
-def _base_sample(layer: nn.Module) -> Tensor:
-    kept = remembered_base(layer.weight)
+def _base_sample(layer: nn.Module, samples: int) -> Tensor:
+    kept = remembered_base(layer.weight) if samples == SAMPLES else None
     if kept is not None:
         return kept
-    return sample(layer.unmerged_weight() if layer.merged else layer.weight)
+    return sample(layer.unmerged_weight() if layer.merged else layer.weight, samples)
 
 
 def compare_fingerprints(saved: str, current: str) -> Optional[str]:
