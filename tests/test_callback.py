@@ -178,10 +178,87 @@ def test_adapters_train_in_float32_over_a_bfloat16_base(tmp_path: Path) -> None:
     assert module.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
-def test_bf16_true_precision_warns_about_half_precision_adapters(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision, half", [("bf16-true", torch.bfloat16), ("16-true", torch.float16)])
+def test_true_half_precision_keeps_adapters_in_float32(tmp_path: Path, precision: str, half: torch.dtype) -> None:
     import warnings
 
+    module = TinyLlamaModule()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, [lora()], max_steps=1, precision="bf16-true").fit(TinyLlamaModule(), TokensDataModule())
-    assert any("adapter weights are torch.bfloat16" in str(w.message) for w in caught)
+        trainer(tmp_path, [lora()], max_steps=4, precision=precision).fit(module, TokensDataModule())
+    assert not any("adapter weights are" in str(w.message) for w in caught)
+    params = list(ll.surgery.adapter_parameters(module.model))
+    assert {p.dtype for p in params} == {torch.float32}
+    assert module.model.model.layers[0].self_attn.q_proj.weight.dtype == half  # the base is cast as asked
+    in_optimizer = [p for group in module.trainer.optimizers[0].param_groups for p in group["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in params}
+    assert all(p.abs().sum() > 0 for n, p in module.model.named_parameters() if "lora_B" in n)
+
+
+def test_export_once_per_checkpoint_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_lora.callbacks import lora_callback
+
+    steps: list[str] = []
+    real = lora_callback.export_step
+    monkeypatch.setattr(lora_callback, "export_step", lambda model, directory, *a: (steps.append(directory.name),
+                                                                                    real(model, directory, *a)))
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
+    trainer(tmp_path, [lora(export_dir=str(tmp_path / "export"), export_on_checkpoint=True), every_step],
+            max_steps=3).fit(TinyLlamaModule(), TokensDataModule())
+    assert steps == ["step-1", "step-2", "step-3"]  # Lightning wrote two files per step (step=N.ckpt, last.ckpt)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["adapter", "merged", "step-1", "step-2",
+                                                                       "step-3"]
+
+
+def test_weights_only_checkpoints_hold_only_the_adapter(tmp_path: Path) -> None:
+    module = TinyLlamaModule()
+    weights = ModelCheckpoint(dirpath=tmp_path / "w", filename="weights", save_weights_only=True)
+    plain = ModelCheckpoint(dirpath=tmp_path / "full", filename="full", save_weights_only=True)
+    trainer(tmp_path, [lora(), weights], max_epochs=1).fit(module, TokensDataModule())
+    trainer(tmp_path / "bare", [plain], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
+    saved = torch.load(weights.best_model_path, weights_only=True)
+    assert set(saved["state_dict"]) == {f"model.{k}" for k in ll.adapter_state_dict(module.model)}
+    assert "optimizer_states" not in saved and saved["lightning_lora"]["method"] == "lora"
+    adapter_bytes = Path(weights.best_model_path).stat().st_size
+    assert adapter_bytes < Path(plain.best_model_path).stat().st_size / 5
+
+    restored = TinyLlamaModule()
+    trainer(tmp_path, [lora()]).validate(restored, TokensDataModule(), ckpt_path=weights.best_model_path)
+    expected, actual = ll.adapter_state_dict(module.model), ll.adapter_state_dict(restored.model)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_second_fit_with_other_options_is_refused(tmp_path: Path) -> None:
+    module = TinyLlamaModule()
+    trainer(tmp_path, [lora(r=4)], max_steps=2).fit(module, TokensDataModule())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ll.ConfigError, match=r"r: 4 in the model vs 2 in the callback.*lightning_lora.unload"):
+        trainer(tmp_path, [lora(r=2)], max_steps=2).fit(module, TokensDataModule())
+    with pytest.raises(ll.ConfigError, match=r"target_modules: .*q_proj.* in the model vs .*k_proj.* in the callback"):
+        trainer(tmp_path, [lora(r=4, target_modules=["k_proj"])], max_steps=2).fit(module, TokensDataModule())
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    trainer(tmp_path, [lora(r=4)], max_steps=4).fit(module, TokensDataModule())  # the same options go on training
+    assert not all(torch.equal(before[k], module.state_dict()[k]) for k in before)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) -> None:
+    from lightning_lora.callbacks._lightning import unsupported_strategy
+
+    try:
+        sharded = getattr(pl.strategies, strategy)()
+    except Exception as err:  # noqa: BLE001 - deepspeed is not installed
+        pytest.skip(f"{strategy} cannot be built here: {err}")
+    assert unsupported_strategy(sharded) == strategy
+    try:
+        sharded_trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=sharded, logger=False,
+                                     default_root_dir=tmp_path)
+    except Exception as err:  # noqa: BLE001 - FSDP wants a GPU
+        pytest.skip(f"a Trainer with {strategy} cannot be built here: {err}")
+    module = TinyLlamaModule()
+    with pytest.raises(ll.ConfigError, match=f"does not support {strategy} yet.*strategy='ddp'"):
+        lora().setup(sharded_trainer, module, "fit")
+    assert not ll.adapters(module.model)

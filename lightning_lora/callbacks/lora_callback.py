@@ -12,20 +12,24 @@ import functools
 import logging
 import random
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.model_helpers import is_overridden
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_lora.callbacks._lightning import (
+    CALLBACK_BASES,
+    is_overridden,
+    rank_zero_info,
+    rank_zero_warn,
+    unsupported_strategy,
+)
+from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
+from lightning_lora.callbacks.exports import export_final, export_step, finish_final
 from lightning_lora.config import AdapterConfig, ConfigError
-from lightning_lora.export import export_merged
-from lightning_lora.fingerprint import base_fingerprint
-from lightning_lora.io import find_hf_model, save_adapter
+from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
+from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
 from lightning_lora.surgery import (
     adapter_parameters,
@@ -37,29 +41,44 @@ from lightning_lora.surgery import (
     parameter_counts,
 )
 
+if TYPE_CHECKING:  # either package's classes; annotations only
+    import pytorch_lightning as pl
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "lightning_lora"
 
 
-class LoRACallback(Callback):
+class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
+    # Both packages' Callback when both are installed, so that either Trainer accepts it (see _lightning.py).
     """Inject a parameter-efficient adapter into the LightningModule's model and train only the adapter.
 
     Args:
-        method: ``"lora"``, ``"dora"``, ``"houlsby"`` or ``"pfeiffer"``.
-        r, alpha, dropout, use_rslora, init_weights, rank_pattern, alpha_pattern: LoRA/DoRA options
-            (see ``LoRAConfig``); None keeps the method's default.
-        target_modules, exclude_modules, layers_to_transform, layers_pattern: which modules to adapt, with PEFT's
-            matching rules; LoRA defaults to ``"all-linear"``, bottleneck adapters locate their sublayers.
-        reduction_factor, nonlinearity: bottleneck adapter options (see ``BottleneckConfig``).
+        method: the adapter method: lora, dora, houlsby or pfeiffer. Options of another method are an error.
+        r: LoRA/DoRA rank (None: 8).
+        alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16).
+        dropout: LoRA/DoRA dropout on the adapter's input (None: 0.0).
+        target_modules: which modules to adapt, with PEFT's rules: a list of names (a path equal to a name or
+            ending in .name), a regex matched against the whole path, or all-linear (every linear layer but the
+            output head: the LoRA/DoRA default). Bottleneck adapters find their sublayers when unset.
+        exclude_modules: names or a regex of modules never to adapt, even when target_modules matches them.
+        layers_to_transform: only adapt modules in these layer indices (an int or a list of ints).
+        layers_pattern: the name(s) of the layer list that layers_to_transform indexes (e.g. layers, h).
+        rank_pattern: a module name or regex mapped to its own rank, overriding r for those modules (LoRA/DoRA).
+        alpha_pattern: a module name or regex mapped to its own alpha, overriding alpha (LoRA/DoRA).
+        use_rslora: scale by alpha / sqrt(r) instead of alpha / r (rsLoRA; LoRA/DoRA; None: false).
+        init_weights: true (A Kaiming-uniform, B zero: PEFT's default), gaussian, or false (both random: the
+            adapter changes the output from the start) (LoRA/DoRA; None: true).
+        reduction_factor: bottleneck width is the hidden size divided by this (houlsby/pfeiffer; None: 16).
+        nonlinearity: bottleneck activation: relu, gelu, silu, swish or tanh (houlsby/pfeiffer; None: relu).
         model_attr: dotted path of the module to adapt inside the LightningModule. None finds the one Hugging Face
-            ``PreTrainedModel`` in it, else adapts the LightningModule itself.
-        export_dir: where exports go; None is ``<trainer.log_dir or default_root_dir>/lightning_lora``.
-        export_merged: also write the merged model (with the LightningModule's ``tokenizer``, if it has one, so the
+            PreTrainedModel in it, else adapts the LightningModule itself.
+        export_dir: where exports go; None is <trainer.log_dir or default_root_dir>/lightning_lora.
+        export_merged: also write the merged model (with the LightningModule's tokenizer, if it has one, so the
             directory is a standalone model). None means yes for methods that can merge.
-        export_on_checkpoint: export at every checkpoint too (into ``export_dir/step-<N>``), not only at fit end.
+        export_on_checkpoint: export at every checkpoint too (into export_dir/step-<N>), not only at fit end.
         seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
-            None uses ``torch.initial_seed()`` (what ``seed_everything`` sets), so every rank and strategy agree.
+            None uses torch.initial_seed() (what seed_everything sets), so every rank and strategy agree.
     """
 
     def __init__(
@@ -109,6 +128,8 @@ class LoRACallback(Callback):
         self._root_path = ""
         self._fingerprint: Optional[str] = None
         self._user_strict_loading: Optional[bool] = None
+        self._trainer: Optional[pl.Trainer] = None
+        self._exported_step: Optional[int] = None
 
     @property
     @override
@@ -125,11 +146,34 @@ class LoRACallback(Callback):
     # -- injection ---------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = unsupported_strategy(trainer.strategy)
+        if strategy is not None:
+            raise ConfigError(
+                f"LoRACallback does not support {strategy} yet: sharded parameters need sharding-aware injection, "
+                "checkpoints and merges. Use strategy='ddp' (adapters are small, so plain data parallelism fits "
+                "wherever the base model fits on one device), or train without LoRACallback."
+            )
+        self._trainer = trainer
         if is_overridden("configure_model", pl_module):
             _wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
         _wrap_once(pl_module, "on_load_checkpoint", before=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint))
+        # A true-half precision ("bf16-true", "16-true") casts the whole module in strategy.setup, after this hook and
+        # before the optimizers exist: put the adapters back to float32 right after that cast.
+        _wrap_once(trainer.precision_plugin, "convert_module", after=self._adapters_to_float32)
+        io = trainer.strategy.checkpoint_io
+        if not (isinstance(io, AdapterCheckpointIO) and io.prepare == self._prepare_checkpoint):
+            trainer.strategy.checkpoint_io = AdapterCheckpointIO(io, self._prepare_checkpoint, self._after_save)
+        if trainer.is_global_zero and stage == "fit":
+            finish_final(self._export_root(trainer))  # an interrupted final export of an earlier run
+
+    def _adapters_to_float32(self) -> None:
+        if self._root is None:
+            return
+        for p in adapter_parameters(self._root):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
 
     def _find_root(self, pl_module: pl.LightningModule) -> tuple[str, nn.Module]:
         if self.model_attr is not None:
@@ -149,10 +193,14 @@ class LoRACallback(Callback):
         existing = injected_config(root)
         if existing is None:
             targets = inject(root, self.config, seed=self.seed if self.seed is not None else torch.initial_seed())
-        elif existing.method != self.config.method:
+        elif existing.to_dict() != self.config.to_dict():
+            have, want = existing.to_dict(), self.config.to_dict()
+            differences = "; ".join(f"{k}: {have.get(k)!r} in the model vs {want.get(k)!r} in the callback"
+                                    for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
             raise ConfigError(
-                f"{type(root).__name__} already holds {existing.method!r} adapters but the callback asks for "
-                f"{self.config.method!r}; unload them first or use method={existing.method!r}."
+                f"{type(root).__name__} already holds adapters with other options than this LoRACallback's "
+                f"({differences}). Give the callback the model's options to keep training that adapter, or remove "
+                "it first (lightning_lora.unload) to train a new one."
             )
         else:  # a second fit/test in the same process, or an adapter loaded by the user: train what is there
             freeze_base(root)
@@ -200,12 +248,13 @@ class LoRACallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for hook in ("configure_model", "on_load_checkpoint"):
             pl_module.__dict__.pop(hook, None)
+        trainer.precision_plugin.__dict__.pop("convert_module", None)
         if self._user_strict_loading is not None:
             pl_module.strict_loading = self._user_strict_loading
             self._user_strict_loading = None
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
-    def _frozen_keys(self, pl_module: pl.LightningModule) -> set[str]:
+    def _frozen_keys(self) -> set[str]:
         prefix = f"{self._root_path}." if self._root_path else ""
         return {prefix + name for name, p in self.model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
@@ -213,15 +262,34 @@ class LoRACallback(Callback):
         return {"method": self.config.method, "config": self.config.to_dict(), "base_fingerprint": self._fingerprint,
                 "model_attr": self._root_path, "targets": sorted(adapters(self.model))}
 
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        frozen = self._frozen_keys(pl_module)
+    def _prepare_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen base tensors and record what the adapter belongs to; run by ``AdapterCheckpointIO`` on every
+        checkpoint, including ``save_weights_only`` ones, for which Lightning skips ``on_save_checkpoint``."""
+        if self._root is None or "state_dict" not in checkpoint:
+            return
+        frozen = self._frozen_keys()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k in frozen]:
             del state[key]
+        checkpoint.setdefault(CHECKPOINT_KEY, self._identity())
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {**self._identity(), "rng": _rng_state()}
-        if self.export_on_checkpoint:
-            self._export(trainer, self._export_root(trainer) / f"step-{trainer.global_step}")
+        self._prepare_checkpoint(checkpoint)
+
+    def _after_save(self) -> None:
+        """A checkpoint file is complete (rank zero only): export this step once, however many files it wrote."""
+        trainer = self._trainer
+        if not self.export_on_checkpoint or trainer is None or self._exported_step == trainer.global_step:
+            return
+        self._exported_step = trainer.global_step
+        directory = self._export_root(trainer) / f"step-{trainer.global_step}"
+        try:
+            export_step(self.model, directory, self.export_merged, self._tokenizer(trainer))
+        except OSError as err:  # ExportError, including safetensors' errors: the checkpoint is written, keep training
+            rank_zero_warn(f"lightning_lora: the export of step {trainer.global_step} to {directory} failed, training "
+                           f"goes on and the checkpoint is complete: {err}")
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Runs just before Lightning loads the checkpoint's state dict (non-strictly, since the frozen base is not in
@@ -234,14 +302,15 @@ class LoRACallback(Callback):
                     f"The checkpoint's adapter was trained with {saved['config']}, but this LoRACallback has "
                     f"{self.config.to_dict()}; resume with the same options."
                 )
-            if saved["base_fingerprint"] != self._fingerprint:
+            mismatch = compare_fingerprints(saved["base_fingerprint"], self._fingerprint)
+            if mismatch is not None:
                 raise ConfigError(
-                    f"The checkpoint's adapter was trained on a different base model (fingerprint "
-                    f"{saved['base_fingerprint']}, this model {self._fingerprint}); load the base it was trained on."
+                    f"The checkpoint's adapter was trained on a different base model: {mismatch}. Load the base it "
+                    "was trained on."
                 )
         model_state = pl_module.state_dict()
         saved_state = checkpoint["state_dict"]
-        missing = sorted(set(model_state) - set(saved_state) - self._frozen_keys(pl_module))
+        missing = sorted(set(model_state) - set(saved_state) - self._frozen_keys())
         unexpected = sorted(set(saved_state) - set(model_state))
         reshaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(model_state[k].shape)}"
                     for k, v in saved_state.items() if k in model_state and v.shape != model_state[k].shape]
@@ -267,22 +336,23 @@ class LoRACallback(Callback):
             return Path(self.export_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "lightning_lora"
 
-    def _export(self, trainer: pl.Trainer, directory: Path) -> None:
-        if trainer.is_global_zero:
-            self.adapter_dir = save_adapter(self.model, directory / "adapter")
-            if self.export_merged:
-                tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
-                tokenizer = tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
-                self.merged_dir = export_merged(self.model, directory / "merged", tokenizer=tokenizer)
-        trainer.strategy.barrier("lightning_lora_export")
+    @staticmethod
+    def _tokenizer(trainer: pl.Trainer) -> Any:
+        tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
+        return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        directory = self._export_root(trainer)
-        self._export(trainer, directory)
-        if trainer.is_global_zero:
-            rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
-                           + (f", merged model to {self.merged_dir}" if self.merged_dir else ""))
+        """Write ``adapter/`` and ``merged/`` as a pair; a failure (a full disk) raises after training, since the last
+        checkpoint holds the adapter, and leaves the previous pair in place."""
+        try:
+            if trainer.is_global_zero:
+                self.adapter_dir, self.merged_dir = export_final(
+                    self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer))
+                rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
+                               + (f", merged model to {self.merged_dir}" if self.merged_dir else ""))
+        finally:
+            trainer.strategy.barrier("lightning_lora_export")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -299,18 +369,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _wrap_once(pl_module: pl.LightningModule, hook: str, before: Any = None, after: Any = None) -> None:
-    """Run ``before``/``after`` around the next call of ``pl_module.<hook>`` only.
+def _wrap_once(owner: Any, hook: str, before: Any = None, after: Any = None) -> None:
+    """Run ``before``/``after`` around the next call of ``owner.<hook>`` only (a LightningModule or precision plugin).
 
-    No callback hook runs between ``configure_model`` and the checkpoint restore, nor before the restored state dict
-    is loaded; this bridges those two gaps through the instance (never the class), and the wrap removes itself after
-    one call (``teardown`` removes it if it never ran).
+    No callback hook runs between ``configure_model`` and the checkpoint restore, before the restored state dict is
+    loaded, nor between the precision plugin's module cast and the optimizers; this bridges those gaps through the
+    instance (never the class), and the wrap removes itself after one call (``teardown`` removes it if it never ran).
     """
-    original = getattr(pl_module, hook)
+    original = getattr(owner, hook)
 
     @functools.wraps(original)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        pl_module.__dict__.pop(hook, None)
+        owner.__dict__.pop(hook, None)
         if before is not None:
             before(*args, **kwargs)
         result = original(*args, **kwargs)
@@ -318,4 +388,4 @@ def _wrap_once(pl_module: pl.LightningModule, hook: str, before: Any = None, aft
             after()
         return result
 
-    pl_module.__dict__[hook] = wrapped
+    owner.__dict__[hook] = wrapped
