@@ -331,6 +331,11 @@ class LoRAConfig(AdapterConfig):
                             "velora_config", "kasa_config", "monteclora_config", "use_bdlora"):
             if data.get(unsupported):
                 raise ConfigError(f"PEFT adapter uses {unsupported}, which lightning_lora does not support yet.")
+        if data.get("target_modules") is None:
+            raise ConfigError(
+                "PEFT config has no target_modules (PEFT then picks defaults per model type, which lightning_lora does "
+                "not guess); set target_modules to the module names, e.g. ['q_proj', 'v_proj']."
+            )
         if data.get("bias", "none") != "none":
             raise ConfigError(f"PEFT adapter trains biases (bias={data['bias']!r}); only bias='none' is supported.")
         init = data.get("init_lora_weights", True)
@@ -448,11 +453,6 @@ def as_adapter_config(obj: Any, model: Any = None) -> AdapterConfig:
         )
     if type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "to_dict", None)):
         data = dict(obj.to_dict())
-        if data.get("target_modules") is None and str(data.get("peft_type")) in ("LORA", "PeftType.LORA"):
-            raise ConfigError(
-                f"{type(obj).__name__} has no target_modules (PEFT then picks defaults per model type, which we do "
-                "not guess); set target_modules, e.g. LoraConfig(target_modules=['q_proj', 'v_proj'])."
-            )
         init = data.get("init_lora_weights", True)
         if not (isinstance(init, bool) or init == "gaussian"):  # a file's weights replace init; a new adapter's not
             raise ConfigError(

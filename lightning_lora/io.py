@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory, write_json
-from .config import AdapterConfig, ConfigError, LoRAConfig, exact_targets
+from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig, exact_targets
 from .fingerprint import base_fingerprint, compare_fingerprints
 from .methods.base import DEFAULT_ADAPTER, adapter_prefix
 from .surgery import Adapter, adapters, attach, injected_config, prepare
@@ -262,7 +262,9 @@ def load_adapter(model: nn.Module, directory: PathLike, check_base: bool = True)
              for k, t in expected.items() if tensors[k].shape != t.shape]
     if wrong:
         raise AdapterFileError(_rank_mismatch(directory, config, tensors, expected) or
-                               f"{directory} was saved for a base of another shape: {'; '.join(wrong[:5])}.")
+                               f"{directory} was saved for a base of another shape: {'; '.join(wrong[:5])}."
+                               + (" If it was saved for this base, its reduction_factor in adapter_config.json does "
+                                  "not match its tensors." if isinstance(config, BottleneckConfig) else ""))
     saved_fingerprint = metadata.get(FINGERPRINT_KEY)
     mismatch = compare_fingerprints(saved_fingerprint, base_fingerprint(model)) if check_base and saved_fingerprint else None
     if mismatch:

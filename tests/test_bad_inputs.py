@@ -186,6 +186,16 @@ def pickled(model: nn.Module, d: Path) -> Any:
     return load_adapter(model, d / "a")
 
 
+def houlsby_with_factor(factor: int) -> Action:
+    """A Houlsby adapter (reduction_factor 16) whose config was edited to another factor."""
+    def act(model: nn.Module, d: Path) -> Any:
+        save_adapter(fresh("llama+houlsby"), d / "h")
+        path = d / "h" / ADAPTER_CONFIG
+        path.write_text(json.dumps({**json.loads(path.read_text()), "reduction_factor": factor}))
+        return load_adapter(model, d / "h")
+    return act
+
+
 def into_foreign_dir(model: nn.Module, d: Path) -> Any:
     (d / "mine").mkdir()
     (d / "mine" / "notes.txt").write_text("user data")
@@ -432,6 +442,9 @@ FILE_CASES = [
       '"r": 2'),
     C("config-wrong-rank-pattern", "llama", edit_config(lambda c: c.update(rank_pattern={"q_proj": 4})),
       AdapterFileError, ADAPTER_CONFIG, "rank_pattern"),
+    C("config-no-targets", "llama", edit_config(lambda c: c.update(target_modules=None)), ConfigError,
+      ADAPTER_CONFIG, "target_modules"),
+    C("config-bottleneck-wrong-factor", "llama", houlsby_with_factor(8), AdapterFileError, "reduction_factor"),
     C("config-bottleneck-factor", "llama", raw_config(b'{"method": "houlsby", "reduction_factor": "4"}'),
       ConfigError, ADAPTER_CONFIG, "reduction_factor"),
     C("config-is-a-directory", "llama", lambda m, d: ((d / "a" / ADAPTER_CONFIG).unlink(),
