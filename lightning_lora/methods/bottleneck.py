@@ -86,7 +86,9 @@ class BottleneckAdapter(InsertedAdapter):
     def attach(self, sublayer: nn.Module) -> None:
         sublayer.add_module(self.attach_name, self)
         hooked = sublayer.get_submodule(self.hook_at)
-        self._handle = hooked.register_forward_hook(self._renormalized if self.renormalize else self._added)
+        # first among the module's hooks, so that others (transformers records hidden states with hooks) see our output
+        hook = self._renormalized if self.renormalize else self._added
+        self._handle = hooked.register_forward_hook(hook, prepend=True)
 
     def detach(self, sublayer: nn.Module) -> None:
         if self._handle is not None:

@@ -315,3 +315,21 @@ def test_gradients_with_gradient_checkpointing(method: str) -> None:
     assert grads[0].keys() == grads[1].keys() and all(g.abs().max() > 0 for g in grads[0].values())
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer"])
+def test_recorded_hidden_states_include_the_adapter(method: str) -> None:
+    """transformers records hidden states with forward hooks it adds on the first forward; ours run first, so a model
+    that ran before injection reports the same hidden states as one that did not."""
+    states = []
+    for ran_before in (False, True):
+        model = make_llama()
+        if ran_before:
+            with torch.no_grad():
+                model(input_ids=token_batch(), output_hidden_states=True)
+        inject(model, AdapterConfig.create(method, reduction_factor=4), seed=0)
+        perturb_up(model)
+        with torch.no_grad():
+            states.append(model(input_ids=token_batch(), output_hidden_states=True).hidden_states)
+    for ours, reference in zip(states[1], states[0]):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
