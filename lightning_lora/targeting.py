@@ -8,9 +8,7 @@ from typing import Callable, Iterable, Optional
 
 from torch import nn
 
-from .config import AdapterConfig, ConfigError, TargetSpec
-
-ALL_LINEAR = "all-linear"
+from .config import ALL_LINEAR, AdapterConfig, ConfigError, TargetSpec
 
 
 def _matches(spec: TargetSpec, path: str) -> bool:

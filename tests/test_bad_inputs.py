@@ -69,7 +69,7 @@ BASES: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _original(kind: str) -> nn.Module:
     return BASES[kind]()
 
@@ -155,7 +155,7 @@ def remove(name: str) -> Action:
 
 
 def _first(tensors: dict[str, torch.Tensor], suffix: str = "lora_A.weight") -> str:
-    return sorted(k for k in tensors if k.endswith(suffix))[0]
+    return min(k for k in tensors if k.endswith(suffix))
 
 
 def _set(key_suffix: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
@@ -175,7 +175,6 @@ def _poison(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _pickled(d: Path) -> None:
     path = d / "a" / ADAPTER_WEIGHTS
-    tensors = {}
     with safe_open(str(path), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}
     torch.save(tensors, str(path))
