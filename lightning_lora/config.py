@@ -81,14 +81,15 @@ def _regex(option: str, pattern: str, hint: str = "") -> str:
     return pattern
 
 
-def _target_spec(option: str, value: Any, allow_empty: bool) -> TargetSpec:
-    """A list of module names (names are literal, not regexes, as in PEFT) or one regex string, type-checked."""
+def _target_spec(option: str, value: Any, exclude: bool) -> TargetSpec:
+    """A list of module names (names are literal, not regexes, as in PEFT) or one regex string, type-checked.
+    ``exclude``: the spec is ``exclude_modules``, which may be empty and cannot be the ``all-linear`` shorthand."""
     if value is None:
         return None
     if isinstance(value, str):
         if not value.strip():
             raise ConfigError(f"{option} is an empty string; give module names such as ['q_proj', 'v_proj'] or a regex.")
-        if value.lower() == ALL_LINEAR and not allow_empty:
+        if value.lower() == ALL_LINEAR and not exclude:
             return value
         if value.lower() == ALL_LINEAR:
             raise ConfigError(f"{option}='all-linear' is only a target_modules shorthand; list the modules to exclude.")
@@ -104,9 +105,9 @@ def _target_spec(option: str, value: Any, allow_empty: bool) -> TargetSpec:
                 f"{option}[{i}] must be a non-empty module name string such as 'q_proj'{nested}, {_got(item)}."
             )
     names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    if not names and not allow_empty:
+    if not names and not exclude:
         raise ConfigError(f"{option}=[] targets nothing; list module names such as ['q_proj', 'v_proj'] or use 'all-linear'.")
-    if any(n.lower() == ALL_LINEAR for n in names) and not allow_empty:
+    if any(n.lower() == ALL_LINEAR for n in names) and not exclude:
         if len(names) > 1:
             raise ConfigError(f"{option} mixes 'all-linear' with module names {names}; use one or the other.")
         return ALL_LINEAR  # [all-linear] in YAML means the shorthand, not a module of that name
@@ -185,8 +186,8 @@ class AdapterConfig:
                 f"{type(self).__name__} does not implement method {self.method!r}; it implements "
                 f"{', '.join(self.METHODS)}."
             )
-        self.target_modules = _target_spec("target_modules", self.target_modules, allow_empty=False)
-        self.exclude_modules = _target_spec("exclude_modules", self.exclude_modules, allow_empty=True)
+        self.target_modules = _target_spec("target_modules", self.target_modules, exclude=False)
+        self.exclude_modules = _target_spec("exclude_modules", self.exclude_modules, exclude=True)
         self.layers_to_transform = _layer_indexes(self.layers_to_transform)
         self.layers_pattern = _layers_pattern(self.layers_pattern)
         if self.layers_pattern is not None and self.layers_to_transform is None:
