@@ -212,8 +212,9 @@ def test_merge_and_merged_export_refer_to_save_adapter(tmp_path: Path) -> None:
     assert len(adapters(model)) == 4
 
 
-@pytest.mark.parametrize("make,method", [(make_llama, "houlsby"), (make_gpt2, "pfeiffer"), (make_bert, "houlsby")],
-                         ids=["llama-houlsby", "gpt2-pfeiffer", "bert-houlsby"])
+@pytest.mark.parametrize("make,method", [(make_llama, "houlsby"), (make_gpt2, "pfeiffer"), (make_bert, "houlsby"),
+                                         (make_bert, "pfeiffer")],
+                         ids=["llama-houlsby", "gpt2-pfeiffer", "bert-houlsby", "bert-pfeiffer"])
 def test_save_load_round_trip_on_a_fresh_base(tmp_path: Path, make: Callable[[], nn.Module], method: str) -> None:
     model = make()
     inject(model, AdapterConfig.create(method, reduction_factor=8, nonlinearity="gelu"))
