@@ -130,6 +130,7 @@ def is_post_ln_output(module: nn.Module) -> bool:
 
 
 def build_bottleneck(sublayer: nn.Module, config: BottleneckConfig, path: str) -> BottleneckAdapter:
+    """The adapter for target ``sublayer``, reading where AdapterHub's adapter would (see the module docstring)."""
     hidden = output_size(sublayer)
     if hidden is None:
         raise ConfigError(
@@ -180,8 +181,8 @@ def from_adapterhub(model: nn.Module, tensors: Mapping[str, Tensor], method: str
     transformers model, not AdapterHub's)."""
     found = model_family(model)
     if found is None:
-        raise ConfigError(f"{type(model).__name__} is not a model family AdapterHub names are known for "
-                          f"({', '.join(FAMILIES)}).")
+        raise ConfigError(f"{type(model).__name__} is not a model family whose AdapterHub names are known "
+                          f"({', '.join(FAMILIES)}); pass the plain transformers model of one of them.")
     family = found[0]
     ours = dict(zip(family.adapterhub,
                     (family.attention, family.pfeiffer if method == "pfeiffer" else family.feed_forward)))
@@ -191,7 +192,10 @@ def from_adapterhub(model: nn.Module, tensors: Mapping[str, Tensor], method: str
     for key, tensor in tensors.items():
         match = pattern.fullmatch(key)
         if match is None:
-            raise ConfigError(f"{key} is not an AdapterHub bottleneck tensor name this converter knows.")
+            raise ConfigError(
+                f"{key} is not an AdapterHub bottleneck tensor name of this model; pass only the adapter_down.0 and "
+                "adapter_up weights and biases of one DoubleSeqBnConfig (houlsby) or SeqBnConfig (pfeiffer) adapter."
+            )
         block, slot, projection, kind = match.groups()
         target = f"{block}.{ours[slot]}" if ours[slot] else block
         converted[f"{target}.{BottleneckAdapter.attach_name}.{projection.split('.')[0]}.{kind}"] = tensor
@@ -199,5 +203,6 @@ def from_adapterhub(model: nn.Module, tensors: Mapping[str, Tensor], method: str
 
 
 def supports_bottleneck(module: nn.Module) -> bool:
+    """Whether an adapter can follow ``module``: its output width is known."""
     return output_size(module) is not None
 
