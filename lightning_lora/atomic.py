@@ -242,8 +242,9 @@ def check_export_target(target: PathLike, kind: str) -> None:
     cwd = Path.cwd().resolve()
     if cwd == target.resolve() or target.resolve() in cwd.parents:
         raise ExportTargetError(
-            f"Cannot write the {kind} export to {target}: it is (or holds) the current working directory, and an "
-            "export replaces its directory as a whole, which would leave this process in a deleted directory. "
+            f"Cannot write the {kind} export to {str(target)!r} ({target.resolve()}): it is (or holds) the current "
+            "working directory, and an export replaces its directory as a whole, which would leave this process in "
+            "a deleted directory. "
             f"Write into a subdirectory instead, e.g. {os.path.join(target, kind)!r}.", errno.EBUSY, target)
     entries = sorted(os.listdir(target))
     if not entries:

@@ -130,7 +130,7 @@ def test_the_umask_is_never_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_the_final_path_never_goes_missing_during_a_swap(tmp_path: Path, exchange_calls: list[bool]) -> None:
-    """A reader polling the final path while it is replaced 150 times always finds an export there."""
+    """A reader polling the final path while it is replaced 100 times always finds an export there."""
     target = tmp_path / "adapter"
     export(target, "0")
     misses: list[str] = []
@@ -144,7 +144,7 @@ def test_the_final_path_never_goes_missing_during_a_swap(tmp_path: Path, exchang
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for i in range(150):
+        for i in range(100):
             export(target, str(i))
     finally:
         done.set()
