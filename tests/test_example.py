@@ -79,7 +79,8 @@ def test_example_configs_parse(config: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert cli.config.model.class_path == "examples.chat.ChatModule"
     assert cli.config.data.class_path == "examples.chat.ChatDataModule"
     built = [_build(c.class_path, c.init_args.as_dict()) for c in cli.config.trainer.callbacks]
-    (lora,) = [c for c in built if isinstance(c, LoRACallback)]
+    assert not [c for c in built if isinstance(c, LoRACallback)], "the adapter belongs in the 'lora' section"
+    lora = LoRACallback(**cli.config.lora.as_dict())
     assert lora.config.method == config.stem.split("_")[1]
     assert lora.export_merged == (lora.config.method != "houlsby")
     _build(cli.config.data.class_path, cli.config.data.init_args.as_dict())
