@@ -293,6 +293,7 @@ def export_directory(target: PathLike, kind: str) -> Iterator[Path]:
         for path in sorted(staging.rglob("*"), key=lambda p: -len(p.parts)):  # files, then directories bottom-up
             fsync_path(path)
         fsync_path(staging)
+        check_export_target(target, kind)  # again: files may have appeared there while we wrote
         _swap_in(staging, target)
     except (OSError, SafetensorError) as err:
         if isinstance(err, ExportError):
