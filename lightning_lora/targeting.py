@@ -89,14 +89,13 @@ def resolve_targets(
     if not chosen:
         raise ConfigError(_nothing_matched_message(config, [p for p, _ in named], before_layers))
     never_called = [p for p, _ in chosen if _forward_never_called(model, p)]
-    if never_called and all_linear:
-        chosen = [(p, m) for p, m in chosen if p not in never_called]
-    elif never_called:
+    if never_called and (not all_linear or len(never_called) == len(chosen)):
         raise ConfigError(
-            f"{', '.join(never_called[:5])} is the out_proj of an nn.MultiheadAttention, which passes the weight to "
-            "F.multi_head_attention_forward itself and never calls out_proj's forward: an adapter there would never "
-            "train. Add it to exclude_modules (all-linear skips it for this reason)."
+            f"{', '.join(never_called[:5])}: the out_proj of an nn.MultiheadAttention, which passes the weight to "
+            "F.multi_head_attention_forward itself and never calls out_proj's forward, so an adapter there would never "
+            "train. Add it to exclude_modules and target other layers (all-linear skips it for this reason)."
         )
+    chosen = [(p, m) for p, m in chosen if p not in never_called]
     unsupported = [(p, type(m).__name__) for p, m in chosen if not is_supported(m)]
     if unsupported and not all_linear:
         listed = ", ".join(f"{p} ({t})" for p, t in unsupported[:5])

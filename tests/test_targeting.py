@@ -280,6 +280,15 @@ def test_all_linear_skips_multihead_attention_out_proj() -> None:
 
 def test_naming_multihead_attention_out_proj_is_refused() -> None:
     model = AttentionNet()
-    with pytest.raises(ConfigError, match=r"attn\.out_proj is the out_proj of an nn\.MultiheadAttention.*never train"):
+    with pytest.raises(ConfigError, match=r"attn\.out_proj: the out_proj of an nn\.MultiheadAttention.*never train"):
         inject(model, AdapterConfig.create("lora", r=2, target_modules=["out_proj", "ffn"]))
+    assert not adapters(model)
+
+
+def test_all_linear_on_nothing_but_multihead_attention_is_an_error() -> None:
+    """Skipping out_proj must not leave all-linear adapting nothing without a word."""
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(8, 2))
+    with pytest.raises(ConfigError, match="out_proj of an nn.MultiheadAttention"):
+        inject(model, AdapterConfig.create("lora", r=2, target_modules="all-linear"))
     assert not adapters(model)
