@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from lightning_lora.callbacks import LoRACallback
 from lightning_lora.callbacks._lightning import PACKAGES
+from lightning_lora.config import ConfigError
 
 LORA_KEY = "lora"
 PACKAGE_ENV = "LIGHTNING_LORA_PACKAGE"
@@ -80,7 +81,11 @@ class LoRACLI(LightningCLI):
                 "options."
             )
         if self.lora_section_used:
-            LoRACallback(**config[LORA_KEY].as_dict())  # validates every option; built again by Lightning
+            try:
+                LoRACallback(**config[LORA_KEY].as_dict())  # validates every option; Lightning builds it again
+            except ConfigError as error:
+                unset = " --lora.<option>=null unsets an option that a config file sets."
+                parser.error(f"Bad 'lora' section: {error}{unset if 'takes no option' in str(error) else ''}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """As Lightning's, leaving out the ``lora`` section's callback when ``trainer.callbacks`` has its own."""
