@@ -262,3 +262,32 @@ def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) 
     with pytest.raises(ll.ConfigError, match=f"does not support {strategy} yet.*strategy='ddp'"):
         lora().setup(sharded_trainer, module, "fit")
     assert not ll.adapters(module.model)
+
+
+def resume_mid_epoch(tmp_path: Path, stateful: bool) -> tuple[dict, dict, TinyLlamaModule, TinyLlamaModule]:
+    """An uninterrupted 20-step run against one stopped at step 13 (epoch 2, batch 5 of 8) and resumed, with
+    validation every 3 batches and dropout on; returns both adapters and modules."""
+    options = dict(max_steps=20, max_epochs=3, val_check_interval=3, limit_val_batches=2)
+    pl.seed_everything(0)
+    straight = TinyLlamaModule()
+    trainer(tmp_path / "a", [lora(dropout=0.1)], **options).fit(straight, TokensDataModule(stateful=stateful))
+
+    pl.seed_everything(0)
+    every_step = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=1, save_last=True)
+    trainer(tmp_path / "b", [lora(dropout=0.1), every_step], **{**options, "max_steps": 13}).fit(
+        TinyLlamaModule(), TokensDataModule(stateful=stateful))
+    resumed = TinyLlamaModule()
+    torch.manual_seed(1234)  # resuming must not depend on the RNG state at the time of resume
+    trainer(tmp_path / "b", [lora(dropout=0.1), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)],
+            **options).fit(resumed, TokensDataModule(stateful=stateful), ckpt_path="last")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 20
+    return ll.adapter_state_dict(straight.model), ll.adapter_state_dict(resumed.model), straight, resumed
+
+
+def test_resume_mid_epoch_with_a_stateful_dataloader_is_exact(tmp_path: Path) -> None:
+    pytest.importorskip("torchdata")
+    expected, actual, straight, resumed = resume_mid_epoch(tmp_path, stateful=True)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(resumed.losses, straight.losses[13:], rtol=1e-5, atol=1e-6)

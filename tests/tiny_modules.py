@@ -23,12 +23,17 @@ class RandomTokens(Dataset):
 
 
 class TokensDataModule(pl.LightningDataModule):
-    def __init__(self, count: int = 32, length: int = 12, batch_size: int = 4) -> None:
+    def __init__(self, count: int = 32, length: int = 12, batch_size: int = 4, stateful: bool = False) -> None:
         super().__init__()
         self.count, self.length, self.batch_size = count, length, batch_size
+        self.stateful = stateful  # torchdata's StatefulDataLoader: Lightning checkpoints its position mid-epoch
 
     def train_dataloader(self) -> DataLoader:
         data = RandomTokens(self.count, self.length)
+        if self.stateful:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(data, batch_size=self.batch_size, shuffle=False)
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:  # in order, so ranks' batches tile one process's batches
             sampler = DistributedSampler(data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)

@@ -4,6 +4,12 @@ Lightning calls, in ``fit``: ``Callback.setup`` -> ``LightningModule.setup`` -> 
 -> ``strategy.setup`` (precision, DDP/FSDP wrapping, optimizers) -> ``on_fit_start``. Adapters must exist before the
 restore and the optimizers, so they are injected in ``setup``, or right after ``configure_model`` for models that
 build their layers there.
+
+Resuming is exact (the adapter equals an uninterrupted run's, dropout masks included) at an epoch boundary, and
+mid-epoch when the train loader is torchdata's ``StatefulDataLoader``, whose position Lightning checkpoints. A plain
+``DataLoader`` resumed mid-epoch restarts that epoch's data from its first batch for the batches left, so the rest of
+that epoch sees other batches (in the test, 0.05 apart after 7 more steps). torchdata 0.11 with ``shuffle=True``
+draws the next epoch's order differently after a mid-epoch restore (torchdata alone does this too).
 """
 
 from __future__ import annotations
@@ -130,6 +136,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._user_strict_loading: Optional[bool] = None
         self._trainer: Optional[pl.Trainer] = None
         self._exported_step: Optional[int] = None
+        self._resume_rng: Optional[dict[str, Any]] = None
 
     @property
     @override
@@ -327,8 +334,17 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         if saved is not None and "rng" in saved:
             # Lightning does not checkpoint RNG state, so a resumed run would draw other dropout masks than an
             # uninterrupted one. Restored here, before the fit loop creates its DataLoader iterator (which draws a
-            # seed), the sequence of draws matches an uninterrupted run resumed at an epoch boundary.
+            # seed), the draws match an uninterrupted run resumed at an epoch boundary; a run resumed mid-epoch has
+            # drawn that seed long before, so there the state is set again just before the first batch.
             _set_rng_state(saved["rng"])
+            self._resume_rng = saved["rng"]
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._resume_rng is not None:
+            if batch_idx > 0:  # resumed mid-epoch
+                _set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     # -- export ------------------------------------------------------------------------------------------------------
     def _export_root(self, trainer: pl.Trainer) -> Path:
