@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 import lightning_lora.atomic as atomic
-from lightning_lora.atomic import (MANIFEST, ExportError, ExportTargetError, atomic_file, check_export_target,
-                                   export_directory, read_manifest, recover_export)
+from lightning_lora.atomic import (
+    MANIFEST,
+    ExportError,
+    ExportTargetError,
+    atomic_file,
+    check_export_target,
+    export_directory,
+    read_manifest,
+    recover_export,
+)
 
 
 def hidden(parent: Path) -> list[str]:

@@ -15,13 +15,18 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import make_llama, make_plain
+from conftest import make_llama
 from peft_oracle import PEFT_WARNINGS, randomize_adapters
 from safetensors.torch import load_file
 from torch import nn
 
 import lightning_lora.atomic as atomic
-from lightning_lora.atomic import MANIFEST, ExportTargetError, read_manifest, recover_export
+from lightning_lora.atomic import (
+    MANIFEST,
+    ExportTargetError,
+    read_manifest,
+    recover_export,
+)
 from lightning_lora.config import AdapterConfig
 from lightning_lora.export import export_merged
 from lightning_lora.io import load_adapter, save_adapter
@@ -186,6 +191,7 @@ def export_forever(root: Path, version: int, fallback: bool) -> None:
     # tqdm's lock is a semaphore shared with the parent across fork: a child killed while holding it (during
     # save_pretrained's progress bar) would hang the parent's next export, so the child never takes it
     hf_logging.disable_progress_bar()
+    torch.set_num_threads(1)
     if fallback:
         atomic._exchange = lambda a, b: False
     model = adapted()
