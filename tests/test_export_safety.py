@@ -194,6 +194,14 @@ def export_forever(root: Path, version: int, fallback: bool) -> None:
     torch.set_num_threads(1)
     if fallback:
         atomic._exchange = lambda a, b: False
+        rename = os.rename
+
+        def slow_rename(source: str, destination: str) -> None:  # widen the window between the two renames
+            rename(source, destination)
+            if ".old-" in os.fspath(destination):
+                time.sleep(0.1)
+
+        os.rename = slow_rename  # this child's os module only
     model = adapted()
     while True:
         set_version(model, version)
@@ -233,8 +241,9 @@ def check_export(target: Path, figures: dict[str, Any]) -> None:
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
 def test_kill_drill_exports_survive_sigkill_at_any_moment(tmp_path: Path) -> None:
     """12 SIGKILLs at random moments of a process exporting in a loop (8 with RENAME_EXCHANGE, 4 with the
-    rename-aside fallback). After each: every final path holds one complete export that loads (for the fallback, after
-    the recovery the next write runs), and at the end one write leaves no temporary name behind."""
+    rename-aside fallback, its window between the two renames widened so that kills land there too). After each:
+    every final path holds one complete export that loads (for the fallback, after the recovery the next write runs),
+    and at the end one write leaves no temporary name behind."""
     rng = random.Random(2026)
     figures: dict[str, Any] = {"kills": 0, "files checked": 0, "corrupt": [], "leftovers seen": 0, "recovered": 0}
     model = adapted()
