@@ -228,6 +228,13 @@ def recover_export(target: PathLike) -> None:
         _remove(leftover)
 
 
+def _working_directory() -> Optional[Path]:
+    try:
+        return Path.cwd().resolve()
+    except FileNotFoundError:  # deleted under us: then it cannot be the target either
+        return None
+
+
 def check_export_target(target: PathLike, kind: str) -> None:
     """Refuse (``ExportTargetError``) a ``target`` that an export of ``kind`` may not replace: a file, the working
     directory (or one holding it), or a directory holding anything that our manifest does not list. An empty
@@ -238,9 +245,13 @@ def check_export_target(target: PathLike, kind: str) -> None:
         raise ExportTargetError(f"Cannot write the {kind} export to {target}: it is a file, not a directory. "
                                 "Choose a new or empty directory, or remove that file.", errno.ENOTDIR, target)
     if not target.is_dir():
+        ancestor = next((a for a in target.absolute().parents if os.path.lexists(a)), None)
+        if ancestor is not None and not ancestor.is_dir():
+            raise ExportTargetError(f"Cannot write the {kind} export to {target}: {ancestor} is a file, not a "
+                                    "directory. Choose another path.", errno.ENOTDIR, target)
         return
-    cwd = Path.cwd().resolve()
-    if cwd == target.resolve() or target.resolve() in cwd.parents:
+    cwd = _working_directory()
+    if cwd is not None and (cwd == target.resolve() or target.resolve() in cwd.parents):
         raise ExportTargetError(
             f"Cannot write the {kind} export to {str(target)!r} ({target.resolve()}): it is (or holds) the current "
             "working directory, and an export replaces its directory as a whole, which would leave this process in "

@@ -227,6 +227,13 @@ def test_a_file_is_refused(tmp_path: Path) -> None:
     assert target.read_text() == "mine" and hidden(tmp_path) == []
 
 
+def test_a_path_below_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ExportTargetError, match=f"{tmp_path / 'notes.txt'} is a file, not a directory"):
+        export(tmp_path / "notes.txt" / "sub" / "adapter", "x")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_a_directory_with_other_files_is_refused_and_kept(tmp_path: Path) -> None:
     target = tmp_path / "run"
     export(target, "ours")
