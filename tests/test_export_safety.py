@@ -77,6 +77,25 @@ def test_exports_add_their_files_and_replace_only_their_own(tmp_path: Path, writ
     assert read_manifest(target) == first and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_merged_export_with_a_tokenizer_lists_and_replaces_its_files(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = Tokenizer(WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+    words.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    target = tmp_path / "merged"
+    export_merged(adapted(seed=1), target, tokenizer=tokenizer)
+    export_merged(adapted(seed=2), target, tokenizer=tokenizer)  # every file, the tokenizer's too, is ours
+    files = read_manifest(target)["files"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert sorted(os.listdir(target)) == sorted([MANIFEST, *files])
+    assert AutoTokenizer.from_pretrained(str(target))("hello world")["input_ids"] == [1, 2]
+    assert LlamaForCausalLM.from_pretrained(str(target)) is not None
+
+
 @pytest.mark.parametrize("writer", list(WRITERS))
 @pytest.mark.parametrize("case", ["regular-file", "run-folder", "other-kind", "working-directory"])
 def test_exports_refuse_what_is_not_theirs_and_change_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
