@@ -271,8 +271,8 @@ def check_export_target(target: PathLike, kind: str) -> None:
             errno.EEXIST, target)
     if manifest is not None and manifest["kind"] != kind:
         raise ExportTargetError(
-            f"Cannot write the {kind} export to {target}: it holds a {manifest['kind']} export, which this would "
-            f"delete. Choose another directory for the {kind} export, or remove that one.", errno.EEXIST, target)
+            f"Cannot write the {kind} export to {target}: it holds a previous {manifest['kind']} export, which this "
+            f"would delete. Choose another directory for the {kind} export, or remove that one.", errno.EEXIST, target)
 
 
 @contextlib.contextmanager

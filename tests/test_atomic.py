@@ -243,7 +243,8 @@ def test_a_directory_with_other_files_is_refused_and_kept(tmp_path: Path) -> Non
     with pytest.raises(ExportTargetError, match=r"not from a lightning_lora export \(\.git, epoch=3\.ckpt\).*"
                                                 r"Choose a new or empty directory, or remove those files"):
         export(target, "x")
-    assert sorted(p.name for p in target.iterdir()) == before and (target / "epoch=3.ckpt").read_text() == "a checkpoint"
+    assert sorted(p.name for p in target.iterdir()) == before
+    assert (target / "epoch=3.ckpt").read_text() == "a checkpoint"
     assert (target / "a.txt").read_text() == "ours" and hidden(tmp_path) == []
 
 
@@ -261,7 +262,7 @@ def test_a_directory_without_our_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_an_export_of_another_kind_is_refused(tmp_path: Path) -> None:
     export(tmp_path / "merged", "m", kind="merged")
-    with pytest.raises(ExportTargetError, match="it holds a merged export, which this would delete"):
+    with pytest.raises(ExportTargetError, match="it holds a previous merged export, which this would delete"):
         export(tmp_path / "merged", "a", kind="adapter")
     assert contents(tmp_path / "merged")["a.txt"] == "m"
 

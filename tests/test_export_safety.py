@@ -111,16 +111,16 @@ def test_exports_refuse_what_is_not_theirs_and_change_nothing(tmp_path: Path, mo
         target.mkdir()
         (target / "epoch=0-step=10.ckpt").write_bytes(b"checkpoint")
         (target / "hparams.yaml").write_text("lr: 0.1")
-        expected = rf"{target}: it holds files that are not from a lightning_lora export \(epoch=0-step=10.ckpt, hparams.yaml\)"
+        expected = rf"{target}: it holds files that are not from a lightning_lora export \(epoch=0-step=10.ckpt, hparams
     elif case == "other-kind":
         other = export_merged if writer == "save_adapter" else save_adapter
         other(adapted(seed=1), target)
-        expected = f"{target}: it holds an? (merged|adapter) export, which this would delete"
+        expected = f"{target}: it holds a previous (merged|adapter) export, which this would delete"
     else:
         target.mkdir()
         monkeypatch.chdir(target)
         target = Path(".")
-        expected = r"export to '\.' \(.*\): it is \(or holds\) the current working directory.*e\.g\. '\./(adapter|merged)'"
+        expected = r"to '\.' \(.*\): it is \(or holds\) the current working directory.*e\.g\. '\./(adapter|merged)'"
     model = adapted(seed=2)
     before, files = fingerprint(model), tree(root)
     with pytest.raises(ExportTargetError, match=expected):
@@ -164,8 +164,8 @@ for name, (write, make) in cases.items():
         write(adapted(make, seed=2, **opts), target)
         outcome = {"type": None}
     except Exception as err:
-        outcome = {"type": type(err).__name__, "oserror": isinstance(err, OSError), "errno": getattr(err, "errno", None),
-                   "message": str(err)}
+        outcome = {"type": type(err).__name__, "oserror": isinstance(err, OSError),
+                   "errno": getattr(err, "errno", None), "message": str(err)}
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     outcome["unchanged"] = {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -180,7 +180,8 @@ print("RESULTS " + json.dumps(results))
 def test_a_full_disk_keeps_the_previous_export_and_raises_an_oserror(tmp_path: Path) -> None:
     """RLIMIT_FSIZE with SIGXFSZ ignored makes the kernel fail the write with EFBIG, as a full disk does (ENOSPC):
     safetensors then raises SafetensorError (not an OSError) from inside save_file or save_pretrained."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path), str(TESTS)], capture_output=True,
                           text=True, env=env, timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
@@ -248,7 +249,8 @@ def check_export(target: Path, figures: dict[str, Any]) -> None:
         if target.name == "adapter":
             fresh = make_llama()
             load_adapter(fresh, target)
-            values = {t.item() for a in adapters(fresh).values() for v in a.adapter_tensors().values() for t in v.unique()}
+            tensors = [t for a in adapters(fresh).values() for t in a.adapter_tensors().values()]
+            values = {v.item() for t in tensors for v in t.unique()}
             if len(values) != 1:
                 figures["corrupt"].append(f"{target}: adapter tensors from several exports {sorted(values)}")
         else:
