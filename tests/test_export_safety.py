@@ -111,7 +111,7 @@ def test_exports_refuse_what_is_not_theirs_and_change_nothing(tmp_path: Path, mo
         target.mkdir()
         (target / "epoch=0-step=10.ckpt").write_bytes(b"checkpoint")
         (target / "hparams.yaml").write_text("lr: 0.1")
-        expected = rf"{target}: it holds files that are not from a lightning_lora export \(epoch=0-step=10.ckpt, hparams
+        expected = rf"{target}: it holds files that are not from a lightning_lora export \(epoch=0-step=10.ckpt, hparams"
     elif case == "other-kind":
         other = export_merged if writer == "save_adapter" else save_adapter
         other(adapted(seed=1), target)
