@@ -132,7 +132,7 @@ def check_against_peft(method: str, args, device: str, base_dtype: torch.dtype =
     # the yardstick on a bf16 base: PEFT with bf16 adapter weights against PEFT's default
     peft_bf16 = wrap_peft(copy.deepcopy(base), method, args.r, args.alpha, bf16_adapters=True) if half else None
     del base
-    ours_layers = ll.adapters(ours)
+    ours_layers = {path: layer.adapters["default"] for path, layer in ll.adapters(ours).items()}  # update modules
     inner = peft.base_model.model
     peft_paths = {n for n, m in inner.named_modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
     if set(ours_layers) != peft_paths:

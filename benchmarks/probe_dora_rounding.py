@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU probe: does a small change of DoRA's magnitude reach a bf16 layer's output? (RESULTS.md, run 3, finding 4)
 
-One ``DoRALinear`` (library defaults: fp32 adapters over a bf16 2048x2048 base), B random with the given std, m set to
+One DoRA layer (library defaults: fp32 adapters over a bf16 2048x2048 base), B random with the given std, m set to
 ||W|| (scale = 1), then m scaled by 1 + eps. It prints the share of the intended change eps * base that reaches the
 output in expectation, sum((out(eps) - out(0)) * base) / (eps * sum(base^2)), for three orders of the same sum:
 the library's forward, the two small terms summed first in bf16, and PEFT's way (the whole DoRA term in fp32, one
@@ -26,8 +26,9 @@ BF16 = torch.bfloat16
 
 def parts(layer, x):
     base = F.linear(x, layer.weight)
-    scale = layer.lora_magnitude_vector.float() / layer.column_norm()
-    lora = F.linear(F.linear(x, layer.lora_A.weight.to(BF16)), layer.lora_B.weight.to(BF16)) * layer.scaling
+    dora = layer.adapters["default"]
+    scale = dora.lora_magnitude_vector.float() / dora.column_norm(layer.weight)
+    lora = F.linear(F.linear(x, dora.lora_A.weight.to(BF16)), dora.lora_B.weight.to(BF16)) * dora.scaling
     return base, scale, lora
 
 
@@ -46,25 +47,25 @@ def main() -> None:
     nn.init.normal_(lin.weight, std=0.02)
     model = nn.Sequential(lin)
     ll.inject(model, ll.AdapterConfig.create("dora", r=16, alpha=32, target_modules=["0"]))
-    layer = model[0]
+    layer, dora = model[0], model[0].adapters["default"]
     x = torch.randn(1024, 2048, dtype=BF16)
     with torch.no_grad():
         for b_std in (0.0, 1e-4, 1e-3):
-            layer.lora_B.weight.normal_(std=b_std) if b_std else layer.lora_B.weight.zero_()
-            layer.lora_magnitude_vector.copy_(layer.column_norm())
-            m0 = layer.lora_magnitude_vector.clone()
+            dora.lora_B.weight.normal_(std=b_std) if b_std else dora.lora_B.weight.zero_()
+            dora.lora_magnitude_vector.copy_(dora.column_norm(layer.weight))
+            m0 = dora.lora_magnitude_vector.clone()
             base = F.linear(x, layer.weight).float()
             for eps in (2e-4, 1e-3, 4e-3):
                 row = []
                 for name, f in IMPLS.items():
-                    layer.lora_magnitude_vector.copy_(m0)
+                    dora.lora_magnitude_vector.copy_(m0)
                     out0 = f(layer, x).float()
-                    layer.lora_magnitude_vector.copy_(m0 * (1 + eps))
+                    dora.lora_magnitude_vector.copy_(m0 * (1 + eps))
                     out1 = f(layer, x).float()
                     share = ((out1 - out0) * base).sum() / (eps * (base * base).sum())
                     row.append(f"{name} {share:.2f}")
                 print(f"B std {b_std:<6g} m *= 1 + {eps:<6g} share reaching the output: " + ", ".join(row))
-            layer.lora_magnitude_vector.copy_(m0)
+            dora.lora_magnitude_vector.copy_(m0)
 
 
 if __name__ == "__main__":
