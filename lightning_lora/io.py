@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .atomic import PathLike, check_export_target, export_directory, write_json
 from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig, exact_targets
 from .fingerprint import base_fingerprint, compare_fingerprints
-from .methods.base import DEFAULT_ADAPTER, adapter_prefix
+from .methods.base import DEFAULT_ADAPTER, AdaptedLayer, adapter_prefix
 from .surgery import Adapter, adapters, attach, injected_config, prepare
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,7 +39,8 @@ def file_tensors(found: dict[str, Adapter], name: str = DEFAULT_ADAPTER) -> dict
     the model's ``<path>.adapters.<name>.lora_A.weight`` is the file's ``<path>.lora_A.weight`` (a pure rename)."""
     prefix = adapter_prefix(name)
     return {(f"{path}." if path else "") + key.removeprefix(prefix): tensor
-            for path, adapter in found.items() for key, tensor in adapter.adapter_tensors().items()}
+            for path, adapter in found.items() for key, tensor in adapter.adapter_tensors().items()
+            if key.startswith(prefix) or not isinstance(adapter, AdaptedLayer)}
 
 
 def find_hf_model(module: nn.Module) -> tuple[str, nn.Module] | None:

@@ -3,13 +3,16 @@ forward that torch.compile traces in one graph."""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pytest
 import torch
-from conftest import make_llama
-from peft_oracle import randomize_adapters
+from conftest import make_llama, make_plain
+from peft_oracle import logits, randomize_adapters
 from torch import nn
 
 from lightning_lora.config import AdapterConfig
+from lightning_lora.io import file_tensors
 from lightning_lora.methods.base import BASE_KINDS, AdaptedLayer, base_kind
 from lightning_lora.methods.registry import METHODS, method_spec
 from lightning_lora.surgery import inject, merge, unmerge
@@ -46,16 +49,47 @@ def test_registry_names_every_method() -> None:
         method_spec("nope")
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_adapted_forward_compiles_without_graph_breaks(method: str) -> None:
+@pytest.mark.parametrize("method,make,targets", [
+    ("lora", lambda: make_llama(layers=1), "all-linear"),
+    ("dora", lambda: make_llama(layers=1), "all-linear"),
+    ("lora", make_plain, ["embed", "conv", "block.0", "head"]),
+], ids=["lora-llama", "dora-llama", "lora-embedding-conv-linear"])
+def test_adapted_forward_compiles_without_graph_breaks(method: str, make: Callable[[], nn.Module],
+                                                       targets: Any) -> None:
     """The hot path has no Python that dynamo cannot trace (no per-call dicts, no type switches)."""
-    model = make_llama(layers=1)
-    inject(model, AdapterConfig.create(method, target_modules="all-linear", r=2, dropout=0.1))
-    inject_free = [m for m in model.modules() if isinstance(m, AdaptedLayer)]
-    assert inject_free
+    model = make()
+    inject(model, AdapterConfig.create(method, target_modules=targets, r=2, dropout=0.1))
+    assert any(isinstance(m, AdaptedLayer) for m in model.modules())
     model.train()
     tokens = torch.randint(3, 64, (2, 5))
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(lambda t: model(t).logits)(tokens)
+    explanation = torch._dynamo.explain(lambda t: logits(model, t))(tokens)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_two_named_adapters_on_one_layer_merge_and_unmerge_independently() -> None:
+    """The data model later issues build on: updates by name in one layer, each merged or not on its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    config = AdapterConfig.create("lora", target_modules=["0"], r=2, init_weights=False)
+    inject(model, config)
+    layer = model[0]
+    layer.adapters["second"] = method_spec("lora").build(layer.original_module, config, "0")
+    base_weight = layer.weight.detach().clone()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = x @ (base_weight + layer.delta_weight("default") + layer.delta_weight("second")).T + layer.bias
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        layer.merge(["second"])
+        assert layer.adapters["second"].merged and not layer.adapters["default"].merged
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        layer.unmerge(["default"])
+        torch.testing.assert_close(layer.weight, base_weight + layer.delta_weight("second"), rtol=1e-5, atol=1e-6)
+        layer.unmerge()
+        torch.testing.assert_close(layer.weight, base_weight, rtol=0, atol=1e-6)
+    names = {"0.lora_A.weight", "0.lora_B.weight"}
+    assert set(file_tensors({"0": layer})) == set(file_tensors({"0": layer}, "second")) == names
+    assert file_tensors({"0": layer}, "second")["0.lora_A.weight"] is layer.adapters["second"].lora_A.weight
