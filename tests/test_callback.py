@@ -244,6 +244,30 @@ def test_second_fit_with_other_options_is_refused(tmp_path: Path) -> None:
     assert not all(torch.equal(before[k], module.state_dict()[k]) for k in before)
 
 
+def test_a_loaded_adapter_trains_with_matching_options_only(tmp_path: Path) -> None:
+    saved = TinyLlamaModule()
+    ll.inject(saved.model, lora(dropout=0.0).config, seed=3)
+    ll.save_adapter(saved.model, tmp_path / "adapter")
+    module = TinyLlamaModule()
+    ll.load_adapter(module.model, tmp_path / "adapter")  # records the exact module paths, not the callback's names
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for callback, difference in [
+        (lora(r=8), r"r: 4 in the model vs 8 in the callback"),
+        (lora(target_modules=["q_proj"]), r"target_modules: \['model.layers.0.self_attn.q_proj', .*\] in the model "
+                                          r"vs \['q_proj'\] in the callback"),
+        (lora(target_modules=["q_proj", "v_proj"], layers_to_transform=[0]), "layers_to_transform: None in the model"),
+        (ll.LoRACallback(r=4), "'all-linear' in the callback"),
+    ]:
+        with pytest.raises(ll.ConfigError, match=difference):
+            trainer(tmp_path, [callback], max_steps=1).fit(module, TokensDataModule())
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    trainer(tmp_path, [lora(dropout=0.0)], max_steps=2).fit(module, TokensDataModule())  # same options: trains on
+    assert module.trainer.global_step == 2
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
 def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) -> None:
     from lightning_lora.callbacks._lightning import unsupported_strategy

@@ -52,7 +52,7 @@ def run_fit(root: Path, steps: int) -> None:
 def serve(root: Path) -> None:
     """Read commands from stdin: ``kill <delay>`` forks a child that trains and kills it after ``delay`` seconds,
     ``run`` lets it finish, ``limit <bytes> <steps>`` runs one under RLIMIT_FSIZE. Prints one JSON line each."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]  # tests/, then this checkout
     import pytorch_lightning  # noqa: F401 - imported once here, inherited by every child
     from transformers import LlamaForCausalLM  # noqa: F401 - transformers imports lazily
 
@@ -116,7 +116,8 @@ def check_files(root: Path) -> dict[str, int]:
         ll.merge(model)
         merged = LlamaForCausalLM.from_pretrained(export / "merged")
         for name, tensor in merged.state_dict().items():  # the pair comes from one step
-            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{name} in {export}: {m}")
         counts["final_pairs"] += 1
     for directory in (root / "ckpt", export):
         if directory.is_dir():
@@ -147,6 +148,9 @@ def test_kill_and_full_disk_drill(tmp_path: Path) -> None:
             for key, count in check_files(tmp_path / "kill").items():
                 totals[key] += count
         print(f"drill: {totals}, one run {first['seconds']:.1f} s")
+        last = ask("run")  # the next uninterrupted run finishes what the kills left and cleans their temporaries
+        assert os.WIFEXITED(last["status"]) and os.WEXITSTATUS(last["status"]) == 0, (tmp_path / "run.log").read_text()
+        assert check_files(tmp_path / "kill")["temporaries"] == 0
         assert totals["kills"] >= KILLS // 2  # some children finish their steps (and the final export) first
         assert totals["checkpoints"] > 0 and totals["step_exports"] > 0
 

@@ -13,7 +13,9 @@ It wraps the strategy's writer and does three things on every checkpoint, whatev
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from typing import Any, Callable, Optional
 
 from typing_extensions import override
@@ -25,6 +27,19 @@ from lightning_lora.callbacks._lightning import CHECKPOINT_IO_BASES, is_torch_ch
 def _is_local(path: Any) -> bool:
     text = os.fspath(path)
     return "://" not in text or text.startswith("file://")
+
+
+_LEFTOVER = re.compile(r"^\..+\.ckpt\.tmp-[0-9a-f]+$")
+
+
+def _remove_leftovers(directory: str) -> None:
+    """Remove temporary checkpoint files a killed writer left in ``directory`` (one writer per directory: rank zero,
+    synchronously); ``atomic_file`` cleans only those of the name it writes, and step names are not written twice."""
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            if _LEFTOVER.match(entry):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, entry))
 
 
 class AdapterCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
@@ -42,6 +57,7 @@ class AdapterCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
         self.prepare(checkpoint)
         if is_torch_checkpoint_io(self.checkpoint_io) and _is_local(path):
             local = os.fspath(path).removeprefix("file://")
+            _remove_leftovers(os.path.dirname(local) or ".")
             with atomic_file(local, what="checkpoint") as temp:
                 self.checkpoint_io.save_checkpoint(checkpoint, temp, storage_options=storage_options)
         else:  # remote or custom writers (e.g. AsyncCheckpointIO) keep their own write semantics

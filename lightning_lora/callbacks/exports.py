@@ -98,7 +98,9 @@ def finish_final(root: Path) -> None:
                 os.rename(target, aside)  # a kill here: target is missing, staged still holds the new one: redone
                 os.rename(staged, target)
             fsync_path(root)
-        shutil.rmtree(journal)
+        trash = root / f".final.tmp-{secrets.token_hex(4)}"
+        os.rename(journal, trash)  # gone in one step: a kill during the removal cannot leave half a journal
+        shutil.rmtree(trash, ignore_errors=True)
     for entry in os.listdir(root):
         if entry.startswith(".final.tmp-"):
             shutil.rmtree(root / entry, ignore_errors=True)

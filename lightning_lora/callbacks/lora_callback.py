@@ -33,10 +33,12 @@ from lightning_lora.callbacks._lightning import (
 )
 from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
 from lightning_lora.callbacks.exports import export_final, export_step, finish_final
-from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.config import ALL_LINEAR, AdapterConfig, ConfigError
 from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
 from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
+from lightning_lora.plugins.quantization import quantize_for_strategy
+from lightning_lora.quantize import as_quantize_config
 from lightning_lora.surgery import (
     adapter_parameters,
     adapters,
@@ -46,6 +48,7 @@ from lightning_lora.surgery import (
     injected_config,
     parameter_counts,
 )
+from lightning_lora.targeting import _matches, layer_index  # PEFT's matching rules
 
 if TYPE_CHECKING:  # either package's classes; annotations only
     import pytorch_lightning as pl
@@ -85,6 +88,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_on_checkpoint: export at every checkpoint too (into export_dir/step-<N>), not only at fit end.
         seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
             None uses torch.initial_seed() (what seed_everything sets), so every rank and strategy agree.
+        quantize: QLoRA: quantize the frozen base of the adapted nn.Linear layers with torchao: nf4, int8 or int4, or
+            a dict with format and its options, e.g. {format: nf4, scaler_block_size: 64} (lightning_lora.quantize).
+            Done on the training device right after the precision plugin's cast; checkpoints never hold the base.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_merged: Optional[bool] = None,
         export_on_checkpoint: bool = False,
         seed: Optional[int] = None,
+        quantize: Union[str, dict[str, Any], None] = None,
     ) -> None:
         options = dict(
             r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, exclude_modules=exclude_modules,
@@ -128,6 +135,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.export_merged = mergeable if export_merged is None else export_merged
         self.export_on_checkpoint = export_on_checkpoint
         self.seed = seed
+        self.quantize = as_quantize_config(quantize)
         self.adapter_dir: Optional[Path] = None
         self.merged_dir: Optional[Path] = None
         self._root: Optional[nn.Module] = None
@@ -178,6 +186,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _adapters_to_float32(self) -> None:
         if self._root is None:
             return
+        if self.quantize is not None:
+            quantize_for_strategy(self._trainer, self._trainer.lightning_module, self._root, self.quantize)
         for p in adapter_parameters(self._root):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
@@ -200,14 +210,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         existing = injected_config(root)
         if existing is None:
             targets = inject(root, self.config, seed=self.seed if self.seed is not None else torch.initial_seed())
-        elif existing.to_dict() != self.config.to_dict():
-            have, want = existing.to_dict(), self.config.to_dict()
-            differences = "; ".join(f"{k}: {have.get(k)!r} in the model vs {want.get(k)!r} in the callback"
-                                    for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+        elif _differences(root, existing, self.config):
             raise ConfigError(
                 f"{type(root).__name__} already holds adapters with other options than this LoRACallback's "
-                f"({differences}). Give the callback the model's options to keep training that adapter, or remove "
-                "it first (lightning_lora.unload) to train a new one."
+                f"({'; '.join(_differences(root, existing, self.config))}). Give the callback the model's options to "
+                "keep training that adapter, or remove it first (lightning_lora.unload) to train a new one."
             )
         else:  # a second fit/test in the same process, or an adapter loaded by the user: train what is there
             freeze_base(root)
@@ -369,6 +376,39 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                                + (f", merged model to {self.merged_dir}" if self.merged_dir else ""))
         finally:
             trainer.strategy.barrier("lightning_lora_export")
+
+
+_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _differences(root: nn.Module, have: AdapterConfig, want: AdapterConfig) -> list[str]:
+    """The options in which the model's adapter (``have``) differs from the callback's (``want``), as
+    ``option: value in the model vs value in the callback``. Targeting options count only if ``want`` would pick
+    other modules than the adapted ones: a loaded adapter records the exact paths it adapts, not the spec."""
+    h, w = have.to_dict(), want.to_dict()
+    keys = [k for k in sorted(set(h) | set(w)) if h.get(k) != w.get(k)]
+    if any(k in _TARGETING for k in keys) and _picks_exactly(root, want, sorted(adapters(root))):
+        keys = [k for k in keys if k not in _TARGETING]
+    return [f"{k}: {h.get(k)!r} in the model vs {w.get(k)!r} in the callback" for k in keys]
+
+
+def _picks_exactly(root: nn.Module, config: AdapterConfig, adapted: list[str]) -> bool:
+    """Whether ``config``'s target list or regex picks exactly the ``adapted`` module paths of ``root`` (PEFT's
+    matching rules; ``all-linear`` is not resolved here and counts as a difference)."""
+    spec = config.target_modules
+    if spec is None or spec == ALL_LINEAR:
+        return False
+    layers = config.layers_to_transform
+    layers = None if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+
+    def picked(path: str) -> bool:
+        return (_matches(spec, path) and not _matches(config.exclude_modules, path)
+                and (layers is None or layer_index(path, config.layers_pattern) in layers))
+
+    inside = tuple(f"{path}." for path in adapted)  # the adapted layers' own submodules (base layer, adapter weights)
+    others = [path for path, _ in root.named_modules() if path and path not in adapted and not path.startswith(inside)]
+    names_used = not isinstance(spec, list) or all(any(_matches([n], p) for p in adapted) for n in spec)
+    return all(picked(p) for p in adapted) and not any(picked(p) for p in others) and names_used
 
 
 def _rng_state() -> dict[str, Any]:
