@@ -108,6 +108,8 @@ def compare_fingerprints(saved: str, current: str) -> Optional[str]:
     """None when the base fingerprinted as ``saved`` is the one fingerprinted as ``current`` (possibly cast to another
     floating dtype); otherwise why not, in words (another model, or other values and which dtypes were involved)."""
     old, new = _parse(saved), _parse(current)
+    if (old is None and saved.startswith("{")) or (new is None and current.startswith("{")):
+        return "its base fingerprint is in a format this version of lightning_lora cannot read (damaged, or newer)"
     if old is None or new is None:  # a fingerprint from before version 2: an exact hash
         before = saved if old is None else old["legacy"]
         now = current if new is None else new["legacy"]
@@ -128,9 +130,10 @@ def compare_fingerprints(saved: str, current: str) -> Optional[str]:
 
 
 def _parse(fingerprint: str) -> Optional[dict]:
-    if not fingerprint.startswith("{"):
+    try:
+        data = json.loads(fingerprint) if fingerprint.startswith("{") else None
+    except ValueError:
         return None
-    data = json.loads(fingerprint)
     return data if isinstance(data, dict) and data.get("version") == VERSION else None
 
 

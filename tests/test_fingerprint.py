@@ -75,6 +75,8 @@ def test_fingerprints_of_the_old_format_are_compared_as_before() -> None:
     assert len(old) == 16 and compare_fingerprints(old, current) is None
     assert compare_fingerprints(old, base_fingerprint(make_llama().to(torch.bfloat16))) is None  # it rounded to bf16
     assert old in compare_fingerprints(old, base_fingerprint(make_llama(seed=1)))
+    for unreadable in ('{"version": 3}', current[:-5]):
+        assert "cannot read" in compare_fingerprints(unreadable, current)
 
 
 def test_load_adapter_accepts_a_cast_base_and_names_the_dtypes_otherwise(tmp_path: Path) -> None:
