@@ -58,13 +58,25 @@ class RecordingCallback(Callback):
         self.events.append(("callback.on_fit_start", None))
 
 
+class RecordingPrecision(pl.plugins.precision.Precision):
+    """Lightning's default precision, recording when it converts the module (true-half precisions cast it there)."""
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.events.append(("precision.convert_module", bool(ll.adapters(module.model))))
+        return super().convert_module(module)
+
+
 def run(tmp_path: Path, base: type, ckpt_path: str | None) -> list:
     events: list = []
     module = recorder_module(base)(events)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1 if ckpt_path is None else 2, default_root_dir=tmp_path,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[ll.LoRACallback(r=2, target_modules=["q_proj"]), RecordingCallback(events), checkpoint])
+                         callbacks=[ll.LoRACallback(r=2, target_modules=["q_proj"]), RecordingCallback(events), checkpoint],
+                         plugins=[RecordingPrecision(events)])
     trainer.fit(module, TokensDataModule(count=8), ckpt_path=ckpt_path)
     return events
 
@@ -76,6 +88,7 @@ def test_hook_order_for_a_model_built_in_init(tmp_path: Path) -> None:
         ("module.setup", True),
         ("module.on_load_checkpoint", True),  # the restore sees the adapted model
         ("callback.on_load_checkpoint", None),
+        ("precision.convert_module", True),   # a true-half cast, after which the callback puts adapters back to fp32
         ("module.configure_optimizers", True),  # only adapter parameters are trainable when optimizers are built
         ("callback.on_fit_start", None),
     ]
@@ -89,6 +102,7 @@ def test_hook_order_for_a_model_built_in_configure_model(tmp_path: Path) -> None
         ("module.configure_model", False),     # injection follows configure_model ...
         ("module.on_load_checkpoint", True),   # ... and precedes the restore
         ("callback.on_load_checkpoint", None),
+        ("precision.convert_module", True),
         ("module.configure_optimizers", True),
         ("callback.on_fit_start", None),
     ]

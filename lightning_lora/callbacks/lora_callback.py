@@ -253,9 +253,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         half = {str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)}
         if half:
             rank_zero_warn(
-                f"lightning_lora: adapter weights are {', '.join(sorted(half))} (the Trainer's precision cast every "
-                "parameter), so small updates round away. Load the base model in bfloat16 yourself and use "
-                "precision='bf16-mixed' or '32-true': adapters then train in float32 and still compute in bfloat16."
+                f"lightning_lora: adapter weights are {', '.join(sorted(half))} (something cast them after injection, "
+                "e.g. a .to(dtype) in setup or configure_model), so small updates round away. Cast the base model "
+                "before the Trainer starts, or use precision='bf16-true': adapters then stay float32."
             )
 
     @override
