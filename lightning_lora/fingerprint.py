@@ -98,6 +98,8 @@ def base_fingerprint(model: nn.Module, samples: int = SAMPLES) -> str:
 
 
 def _base_sample(layer: nn.Module, samples: int) -> Tensor:
+    if not _is_plain(layer.weight):  # a quantized base (quantize.py): the full-precision weight's sample, kept then
+        return layer.source_sample
     kept = remembered_base(layer.weight) if samples == SAMPLES else None
     if kept is not None:
         return kept

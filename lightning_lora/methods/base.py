@@ -82,6 +82,16 @@ def base_kind(module: nn.Module) -> Optional[BaseKind]:
     return next((BASE_KINDS[cls] for cls in type(module).__mro__ if cls in BASE_KINDS), None)
 
 
+# quantized weight type -> its dequantization to a plain tensor; filled by ``lightning_lora.quantize``
+DEQUANTIZERS: dict[type, Callable[[Tensor], Tensor]] = {}
+
+
+def dense(weight: Tensor) -> Tensor:
+    """``weight`` as a plain tensor: a quantized base weight (``quantize.py``) dequantized, any other as it is."""
+    dequantize = DEQUANTIZERS.get(type(weight))
+    return weight if dequantize is None else dequantize(weight)
+
+
 def linear_weight(weight: Tensor, kind: BaseKind) -> Tensor:
     """``weight`` in ``(out_features, in_features)`` layout, as ``F.linear`` reads it."""
     return weight.T if kind.fan_in_fan_out else weight
@@ -166,7 +176,7 @@ class AdaptedLayer(nn.Module):
 
     def linear_weight(self) -> Tensor:
         """The weight in ``(out_features, in_features)`` layout (transposed for ``Conv1D``)."""
-        return linear_weight(self.weight, self.kind)
+        return linear_weight(dense(self.weight), self.kind)
 
     # -- merge algebra, written once for every weight-update method ------------------------------------------------
     def delta_weight(self, name: str = DEFAULT_ADAPTER) -> Tensor:
@@ -179,7 +189,7 @@ class AdaptedLayer(nn.Module):
         if not pending:
             return self.weight.detach()
         with torch.no_grad():
-            total = self.weight.float() + sum(self.delta_weight(n).float() for n in pending)
+            total = dense(self.weight).float() + sum(self.delta_weight(n).float() for n in pending)
         return total.to(self.weight.dtype)
 
     def unmerged_weight(self) -> Tensor:
@@ -196,6 +206,9 @@ class AdaptedLayer(nn.Module):
 
     def merge(self, names: Optional[Iterable[str]] = None) -> None:
         """Fold adapters ``names`` (default: all) into the weight; merged ones are skipped."""
+        if type(self.weight) in DEQUANTIZERS:
+            raise MergeError("the base weight is quantized, so a merge in place would round the update away; use "
+                             "lightning_lora.quantize.merge_quantized(model, target=...) to choose what to merge into")
         for name in list(self.adapters) if names is None else names:
             update = self.adapters[name]
             if update.merged:

@@ -1,0 +1,256 @@
+"""QLoRA on torchao (lightning_lora/quantize.py and the callback's quantize option), on the CPU: NF4, int8 and the
+int4 intx layout; outputs within the quantization error, gradients through the quantized base, merge targets and
+their measured errors, a real Trainer.fit, adapter-only checkpoints and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+import lightning_lora as ll
+from conftest import make_llama
+from lightning_lora.config import ConfigError
+from lightning_lora.methods.base import MergeError
+from tiny_modules import TinyLlamaModule, TokensDataModule
+
+pytest.importorskip("torchao")
+from lightning_lora.quantize import (  # noqa: E402
+    Int4Config,
+    Int8Config,
+    NF4Config,
+    QuantizedLinear,
+    as_quantize_config,
+    dequantize,
+    is_quantized,
+    merge_quantized,
+    quantize_base,
+    quantized_layers,
+)
+
+# The tiny Llama's layers hold 1,024 to 2,048 weights: NF4's default scaler blocks of 256 need 16,384.
+NF4 = NF4Config(block_size=32, scaler_block_size=8)
+FORMATS = {"nf4": NF4, "int8": Int8Config(), "int4": Int4Config(group_size=16)}
+# Relative error of the weights each format is expected to reach on Gaussian weights (measured: nf4 0.09, int8 0.005,
+# int4 with groups of 16 0.07), with some room.
+WEIGHT_ERROR = {"nf4": 0.12, "int8": 0.01, "int4": 0.1}
+LORA = {"method": "lora", "r": 4, "init_weights": False}  # B random too: the adapter changes the output from the start
+TOKENS = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def adapted(quantize=None, method: str = "lora") -> torch.nn.Module:
+    model = make_llama()
+    ll.inject(model, {**LORA, "method": method}, seed=1)
+    if quantize is not None:
+        quantize_base(model, quantize)
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_quantized_base_is_close_and_gradients_reach_every_adapter(name: str) -> None:
+    reference, model = adapted(), adapted(FORMATS[name])
+    layers = quantized_layers(model)
+    assert len(layers) == 14 and all(is_quantized(layer.weight) for layer in layers.values())
+    for path, layer in layers.items():
+        exact = reference.get_submodule(path).weight
+        assert 0 < rel(dequantize(layer.weight).float(), exact) < WEIGHT_ERROR[name], path
+    # adapters stay float32 and trainable; the base is frozen; parameter counts use the logical size
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in ll.surgery.adapter_parameters(model))
+    assert ll.parameter_counts(model) == ll.parameter_counts(reference)
+
+    expected, out = reference(TOKENS).logits, model(TOKENS).logits
+    assert 0 < rel(out, expected) < 2 * WEIGHT_ERROR[name]
+    out.sum().backward()
+    reference(TOKENS).logits.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    reference_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads.keys() == reference_grads.keys() and len(grads) == 28
+    for key, grad in grads.items():  # the first layer's adapters get theirs through every quantized layer above
+        assert grad is not None and rel(grad, reference_grads[key]) < 4 * WEIGHT_ERROR[name], key
+
+
+def test_quantized_linear_backward_is_the_transposed_product() -> None:
+    quantized = adapted(Int8Config()).model.layers[0].self_attn.q_proj.weight
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: QuantizedLinear.apply(t, quantized), (x,))
+    torch.testing.assert_close(QuantizedLinear.apply(x.float(), quantized), x.float() @ dequantize(quantized).T)
+
+
+def test_bfloat16_base_and_compile_without_graph_breaks() -> None:
+    model = make_llama().to(torch.bfloat16)
+    ll.inject(model, LORA, seed=1)
+    quantize_base(model, NF4)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 12, 32, dtype=torch.bfloat16)
+    embeddings = model.model.rotary_emb(x, torch.arange(12)[None])
+    eager = layer(x, position_embeddings=embeddings)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    out = compiled(x, position_embeddings=embeddings)
+    eager, out = (t[0] if isinstance(t, tuple) else t for t in (eager, out))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, eager)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
+
+
+def test_qdora_trains_through_an_nf4_base() -> None:
+    model = adapted(NF4, method="dora")
+    model(TOKENS).logits.sum().backward()
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+
+
+def test_quantize_is_idempotent_checks_everything_first_and_keeps_the_fingerprint() -> None:
+    model = adapted()
+    fingerprint = ll.base_fingerprint(model)
+    assert len(quantize_base(model, NF4)) == 14
+    weights = [layer.weight for layer in quantized_layers(model).values()]
+    assert quantize_base(model, NF4) == []
+    assert [layer.weight for layer in quantized_layers(model).values()] == weights
+    assert ll.base_fingerprint(model) == fingerprint  # the full-precision base's: adapters load onto it
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_base(model, Int8Config())
+
+    fresh = adapted()
+    with pytest.raises(ConfigError, match=r"scaler_block_size=16 divides them"):
+        quantize_base(fresh, NF4Config(block_size=64, scaler_block_size=256))
+    fresh.model.layers[1].mlp.down_proj.weight.requires_grad_(True)
+    with pytest.raises(ConfigError, match=r"down_proj.weight is trainable"):
+        quantize_base(fresh, NF4)
+    assert not quantized_layers(fresh), "a refused quantization must leave every layer as it was"
+    with pytest.raises(ConfigError, match="Unknown quantization format 'nf5'"):
+        as_quantize_config("nf5")
+    with pytest.raises(ConfigError, match=r"no option \['group_size'\]"):
+        as_quantize_config({"format": "nf4", "group_size": 3})
+    assert as_quantize_config({"format": "int4", "group_size": 64}) == Int4Config(group_size=64)
+
+
+def test_merge_in_place_is_refused_with_the_way_out() -> None:
+    model = adapted(NF4)
+    with pytest.raises(MergeError, match="merge_quantized"):
+        ll.merge(model)
+    assert quantized_layers(model), "unchanged"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_merge_targets_and_their_measured_errors(name: str) -> None:
+    config = FORMATS[name]
+    trained = adapted(config)
+    expected = trained(TOKENS).logits.detach()
+    exact = {p: dequantize(layer.weight).float() + layer.delta_weight().float()
+             for p, layer in quantized_layers(trained).items()}
+
+    model = adapted(config)
+    lines: list[str] = []
+    report = merge_quantized(model, "dequantized", probe=TOKENS, report=lines.append)
+    assert not ll.adapters(model) and "target 'dequantized'" in lines[0]
+    assert report.layers == 14 and report.weight_max_error == 0 and report.update_rel_error < 1e-6
+    torch.testing.assert_close(model(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+    assert report.logits_max_diff < 1e-4
+    for path, weight in exact.items():
+        torch.testing.assert_close(model.get_submodule(path).weight, weight)
+
+    model = adapted(config)
+    half = merge_quantized(model, "dequantized", dtype=torch.bfloat16, report=None)
+    assert 0 < half.weight_rel_error < 2 ** -8 and half.logits_max_diff is None
+
+    model = adapted(config)
+    report = merge_quantized(model, "requantized", probe=TOKENS, report=None)
+    assert type(model.model.layers[0].self_attn.q_proj.weight) is type(quantized_layers(adapted(config))
+                                                                       ["model.layers.0.self_attn.q_proj"].weight)
+    assert 0 < report.weight_rel_error < WEIGHT_ERROR[name] and report.update_rel_error > 0
+    assert report.logits_max_diff > 0
+
+    original = make_llama()
+    model = adapted(config)
+    report = merge_quantized(model, "original", original=original, report=None)
+    assert report.weight_max_error == 0
+    for path, layer in ll.adapters(adapted()).items():
+        torch.testing.assert_close(model.get_submodule(path).weight, layer.merged_weight())
+
+
+def test_requantizing_a_trained_sized_update_to_4_bits_loses_most_of_it() -> None:
+    model = adapted(NF4)
+    with torch.no_grad():
+        for layer in quantized_layers(model).values():
+            layer.adapters["default"].lora_B.weight.mul_(0.01)  # an update about 1% of the weights, as after training
+    report = merge_quantized(model, "requantized", report=None)
+    assert report.update_rel_error > 0.5, report
+    assert "rounded away" in str(report)
+
+
+def test_merge_original_needs_every_weight_and_leaves_the_model_unchanged_otherwise() -> None:
+    model = adapted(NF4)
+    partial = {k: v for k, v in make_llama().state_dict().items() if "layers.1.mlp" not in k}
+    with pytest.raises(MergeError, match=r"model.layers.1.mlp.down_proj.weight is missing"):
+        merge_quantized(model, "original", original=partial)
+    assert len(quantized_layers(model)) == 14
+    with pytest.raises(MergeError, match="needs original="):
+        merge_quantized(model, "original")
+    with pytest.raises(MergeError, match="use one of"):
+        merge_quantized(model, "fused")
+
+
+def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class CountingTokens(TokensDataModule):
+    """Sequences that repeat one token: the next token is learnable in a few steps, unlike random tokens."""
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        tokens = torch.randint(3, 64, (self.count, 1), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(list(tokens.expand(-1, self.length)), batch_size=self.batch_size)
+
+
+def qlora(**kwargs) -> ll.LoRACallback:
+    return ll.LoRACallback(r=4, quantize={"format": "nf4", "block_size": 32, "scaler_block_size": 8}, **kwargs)
+
+
+def test_fit_with_an_nf4_base_lowers_the_loss_and_checkpoints_only_the_adapter(tmp_path: Path) -> None:
+    module = TinyLlamaModule(lr=2e-2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = qlora(export_dir=str(tmp_path / "export"))
+    trainer(tmp_path, [callback, checkpoint], max_epochs=3).fit(module, CountingTokens())
+    assert len(quantized_layers(module.model)) == 14
+    first, last = sum(module.losses[:8]) / 8, sum(module.losses[16:]) / 8  # the same 8 batches, epochs 1 and 3
+    assert len(module.losses) == 24 and last < first - 0.05, (first, last)  # measured 4.17 -> 4.02
+
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    assert saved and all(".adapters.default." in k for k in saved), sorted(saved)[:3]
+    # the adapter written at fit end loads onto the full-precision base (same fingerprint)
+    plain = make_llama()
+    ll.load_adapter(plain, callback.adapter_dir)
+    module.model.eval()
+    expected = module.model(TOKENS).logits
+    assert rel(plain(TOKENS).logits, expected) < 0.2  # the quantized base against the full-precision one
+    # the merged export is the dequantized target: what the trained model computed
+    from transformers import LlamaForCausalLM
+
+    merged = LlamaForCausalLM.from_pretrained(callback.merged_dir).eval()
+    torch.testing.assert_close(merged(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+
+    resumed = TinyLlamaModule(lr=2e-2)
+    trainer(tmp_path, [qlora()], max_epochs=4).fit(resumed, CountingTokens(), ckpt_path=checkpoint.last_model_path)
+    restored = {k: v for k, v in ll.adapter_state_dict(resumed.model).items()}
+    assert len(quantized_layers(resumed.model)) == 14 and len(resumed.losses) == 8
+    assert restored.keys() == {k.removeprefix("model.") for k in saved}
+    assert resumed.losses[0] < first, "the resumed run starts from the trained adapter"
+
+
+def test_true_half_precision_keeps_the_base_quantized(tmp_path: Path) -> None:
+    module = TinyLlamaModule()
+    trainer(tmp_path, [qlora()], max_epochs=1, precision="bf16-true").fit(module, TokensDataModule())
+    layers = quantized_layers(module.model)
+    assert len(layers) == 14 and all(layer.weight.dtype == torch.bfloat16 for layer in layers.values())
+    assert all(p.dtype == torch.float32 for p in ll.surgery.adapter_parameters(module.model))
