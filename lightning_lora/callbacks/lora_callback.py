@@ -178,8 +178,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         # before the optimizers exist: put the adapters back to float32 right after that cast.
         _wrap_once(trainer.precision_plugin, "convert_module", after=self._adapters_to_float32)
         io = trainer.strategy.checkpoint_io
-        if not (isinstance(io, AdapterCheckpointIO) and io.prepare == self._prepare_checkpoint):
-            trainer.strategy.checkpoint_io = AdapterCheckpointIO(io, self._prepare_checkpoint, self._after_save)
+        if isinstance(io, AdapterCheckpointIO):  # left by an earlier fit of this Trainer
+            io = io.checkpoint_io
+        trainer.strategy.checkpoint_io = AdapterCheckpointIO(io, self._prepare_checkpoint, self._after_save)
         if trainer.is_global_zero and stage == "fit":
             finish_final(self._export_root(trainer))  # an interrupted final export of an earlier run
 
