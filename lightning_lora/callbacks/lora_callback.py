@@ -175,8 +175,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._inject(trainer, pl_module)
         _wrap_once(pl_module, "on_load_checkpoint", before=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint))
         # A true-half precision ("bf16-true", "16-true") casts the whole module in strategy.setup, after this hook and
-        # before the optimizers exist: put the adapters back to float32 right after that cast.
-        _wrap_once(trainer.precision_plugin, "convert_module", after=self._adapters_to_float32)
+        # before the optimizers exist: right after that cast is where adapters go back to float32 (and the base is
+        # quantized, on its device).
+        _wrap_once(trainer.precision_plugin, "convert_module", after=self._after_precision_cast)
         io = trainer.strategy.checkpoint_io
         if isinstance(io, AdapterCheckpointIO):  # left by an earlier fit of this Trainer
             io = io.checkpoint_io
@@ -184,7 +185,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero and stage == "fit":
             finish_final(self._export_root(trainer))  # an interrupted final export of an earlier run
 
-    def _adapters_to_float32(self) -> None:
+    def _after_precision_cast(self) -> None:
+        """Quantize the base if asked, and keep adapters in float32 whatever the precision plugin cast them to."""
         if self._root is None:
             return
         if self.quantize is not None:
