@@ -213,13 +213,14 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         existing = injected_config(root)
         if existing is None:
             targets = inject(root, self.config, seed=self.seed if self.seed is not None else torch.initial_seed())
-        elif _differences(root, existing, self.config):
-            raise ConfigError(
-                f"{type(root).__name__} already holds adapters with other options than this LoRACallback's "
-                f"({'; '.join(_differences(root, existing, self.config))}). Give the callback the model's options to "
-                "keep training that adapter, or remove it first (lightning_lora.unload) to train a new one."
-            )
         else:  # a second fit/test in the same process, or an adapter loaded by the user: train what is there
+            differences = _differences(root, existing, self.config)
+            if differences:
+                raise ConfigError(
+                    f"{type(root).__name__} already holds adapters with other options than this LoRACallback's "
+                    f"({'; '.join(differences)}). Give the callback the model's options to keep training that "
+                    "adapter, or remove it first (lightning_lora.unload) to train a new one."
+                )
             freeze_base(root)
             targets = list(adapters(root))
         self._root = root
