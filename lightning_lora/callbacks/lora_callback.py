@@ -315,10 +315,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         the model is still untouched."""
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None:
-            if saved["config"] != self.config.to_dict():
+            differences = _option_differences(saved["config"], self.config.to_dict(), "the checkpoint")
+            if differences:
                 raise ConfigError(
-                    f"The checkpoint's adapter was trained with {saved['config']}, but this LoRACallback has "
-                    f"{self.config.to_dict()}; resume with the same options."
+                    f"The checkpoint's adapter was trained with other options than this LoRACallback's "
+                    f"({'; '.join(differences)}); resume with the checkpoint's options."
                 )
             mismatch = compare_fingerprints(saved["base_fingerprint"], self._fingerprint)
             if mismatch is not None:
@@ -390,10 +391,15 @@ def _differences(root: nn.Module, have: AdapterConfig, want: AdapterConfig) -> l
     ``option: value in the model vs value in the callback``. Targeting options count only if ``want`` would pick
     other modules than the adapted ones: a loaded adapter records the exact paths it adapts, not the spec."""
     h, w = have.to_dict(), want.to_dict()
-    keys = [k for k in sorted(set(h) | set(w)) if h.get(k) != w.get(k)]
-    if any(k in _TARGETING for k in keys) and _picks_exactly(root, want, sorted(adapters(root))):
-        keys = [k for k in keys if k not in _TARGETING]
-    return [f"{k}: {h.get(k)!r} in the model vs {w.get(k)!r} in the callback" for k in keys]
+    if any(h.get(k) != w.get(k) for k in _TARGETING) and _picks_exactly(root, want, sorted(adapters(root))):
+        h.update({k: w.get(k) for k in _TARGETING})
+    return _option_differences(h, w, "the model")
+
+
+def _option_differences(have: dict[str, Any], want: dict[str, Any], where: str) -> list[str]:
+    """``option: value in <where> vs value in the callback`` for each option whose values differ."""
+    return [f"{k}: {have.get(k)!r} in {where} vs {want.get(k)!r} in the callback"
+            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
 
 
 def _picks_exactly(root: nn.Module, config: AdapterConfig, adapted: list[str]) -> bool:
