@@ -139,9 +139,11 @@ def test_plain_module_and_bottleneck_adapters(tmp_path: Path) -> None:
     assert (callback.merged_dir / "model.safetensors").is_file()
 
     llama = TinyLlamaModule()
-    houlsby = ll.LoRACallback("houlsby", reduction_factor=4, export_dir=str(tmp_path / "h"))
-    trainer(tmp_path, [houlsby], max_epochs=1).fit(llama, TokensDataModule())
+    houlsby = ll.LoRACallback("houlsby", reduction_factor=4, export_dir=str(callback.adapter_dir.parent))
+    with pytest.warns(UserWarning, match="merged export from an earlier run"):  # the plain module's merged/ is left
+        trainer(tmp_path, [houlsby], max_epochs=1).fit(llama, TokensDataModule())
     assert houlsby.merged_dir is None and (houlsby.adapter_dir / "adapter_config.json").is_file()
+    assert (callback.merged_dir / "model.safetensors").is_file()
     assert len(ll.adapters(llama.model)) == 4
 
 
