@@ -86,7 +86,7 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, module_class: type) ->
 def test_resume_with_other_options_or_base_is_an_error(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, [lora(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
-    with pytest.raises(ll.ConfigError, match="trained with other options .*r: 4 in the checkpoint vs 2 in the callback"):
+    with pytest.raises(ll.ConfigError, match="trained with other options .*r: 4 in the checkpoint vs 2 in the callbac"):
         trainer(tmp_path, [lora(r=2)]).fit(TinyLlamaModule(), TokensDataModule(), ckpt_path=checkpoint.last_model_path)
     other_base = TinyLlamaModule(seed=7)
     with pytest.raises(ll.ConfigError, match="different base model"):

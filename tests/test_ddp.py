@@ -32,9 +32,9 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> Non
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in single.items() if "lora_B" in k)
     for step in (4, 8):  # rank zero exported at each checkpoint, without a collective the other rank would miss
-        torch.testing.assert_close(load_file(tmp_path / "two" / f"step-{step}" / "adapter" / "adapter_model.safetensors"),
-                                   load_file(tmp_path / "one" / f"step-{step}" / "adapter" / "adapter_model.safetensors"),
-                                   rtol=1e-4, atol=1e-5)
+        exported = [load_file(tmp_path / run / f"step-{step}" / "adapter" / "adapter_model.safetensors")
+                    for run in ("two", "one")]
+        torch.testing.assert_close(*exported, rtol=1e-4, atol=1e-5)
     last = torch.load(tmp_path / "two" / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8 and len(last["state_dict"]) == 8
     assert all(".lora_" in key for key in last["state_dict"])  # the adapter only

@@ -75,7 +75,8 @@ def run(tmp_path: Path, base: type, ckpt_path: str | None) -> list:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1 if ckpt_path is None else 2, default_root_dir=tmp_path,
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[ll.LoRACallback(r=2, target_modules=["q_proj"]), RecordingCallback(events), checkpoint],
+                         callbacks=[ll.LoRACallback(r=2, target_modules=["q_proj"]), RecordingCallback(events),
+                                    checkpoint],
                          plugins=[RecordingPrecision(events)])
     trainer.fit(module, TokensDataModule(count=8), ckpt_path=ckpt_path)
     return events

@@ -70,7 +70,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("package, blocked", [("pytorch_lightning", "lightning"), ("lightning.pytorch", "pytorch_lightning")])
+@pytest.mark.parametrize("package, blocked", [("pytorch_lightning", "lightning"),
+                                              ("lightning.pytorch", "pytorch_lightning")])
 def test_fit_with_one_package_alone(package: str, blocked: str, tmp_path: Path) -> None:
     pytest.importorskip(package)
     code = ALONE.format(blocked=blocked, package=package, tests=str(Path(__file__).parent), root=str(tmp_path))

@@ -68,8 +68,8 @@ def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = No
         fsync_path(root)
     except OSError as err:
         raise ExportError(
-            f"The final export to {root} failed: {str(err).rstrip('.')}. The previous adapter/ and merged/ there (if any) are "
-            "unchanged, and the last checkpoint holds the trained adapter: free some space and export it with "
+            f"The final export to {root} failed: {str(err).rstrip('.')}. The previous adapter/ and merged/ there "
+            "(if any) are unchanged, and the last checkpoint holds the trained adapter: free some space and export it with "
             "lightning_lora.save_adapter / export_merged, or resume from the checkpoint.",
             getattr(err, "errno", None), root) from err
     finally:

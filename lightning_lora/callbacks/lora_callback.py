@@ -352,7 +352,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._resume_rng = saved["rng"]
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+                             ) -> None:
         if self._resume_rng is not None:
             if batch_idx > 0:  # resumed mid-epoch
                 _set_rng_state(self._resume_rng)
