@@ -6,6 +6,7 @@ Lightning's DDP launcher re-runs this script once per extra process, so it must 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,11 +25,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--quantize", type=json.loads, default=None, help='LoRACallback(quantize=...) as JSON: "int8"')
     args = parser.parse_args()
     pl.seed_everything(0)
     # Checkpoints and exports at steps 4 and 8: rank zero writes them while the other ranks wait at Lightning's barrier.
     callback = ll.LoRACallback(r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out), export_merged=False,
-                               export_on_checkpoint=True)
+                               export_on_checkpoint=True, quantize=args.quantize)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True)
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                          max_epochs=2, logger=False, enable_progress_bar=False,
