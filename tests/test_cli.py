@@ -7,6 +7,7 @@ import inspect
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import docstring_parser
@@ -177,17 +178,30 @@ class Module(L.LightningModule):
         return torch.utils.data.DataLoader(list(torch.randint(3, VOCAB, (8, 10))), batch_size=4)
 '''
 
-def test_cli_runs_lightning_pytorch_modules(tmp_path: Path) -> None:
-    """``import lightning as L`` users with both packages installed set LIGHTNING_LORA_PACKAGE=lightning."""
+ONLY_LIGHTNING = """
+import sys
+sys.modules["pytorch_lightning"] = None  # as if only `lightning` were installed
+from lightning_lora.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("installed", ["both", "lightning only"])
+def test_cli_runs_lightning_pytorch_modules(installed: str, tmp_path: Path) -> None:
+    """``import lightning as L`` users: with both packages installed they set LIGHTNING_LORA_PACKAGE=lightning; with
+    only ``lightning``, nothing."""
     pytest.importorskip("lightning.pytorch")
     (tmp_path / "lmodule.py").write_text(LIGHTNING_MODULE)
-    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)]), "LIGHTNING_LORA_PACKAGE": "lightning"}
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
+    if installed == "both":
+        command, env["LIGHTNING_LORA_PACKAGE"] = ["lightning-lora"], "lightning"
+    else:
+        command = [sys.executable, "-c", ONLY_LIGHTNING]
     args = ["fit", "--model=lmodule.Module", "--trainer.max_steps=2", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", "--lora.r=2",
             "--lora.target_modules=[q_proj]", f"--lora.export_dir={tmp_path / 'export'}",
             "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
-    result = subprocess.run(["lightning-lora", *args], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=180)
+    result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
     assert list((tmp_path / "ckpt").glob("*.ckpt"))
