@@ -48,7 +48,10 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, head_dim=64),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FORMATS = {"nf4": NF4Config(), "int4": Int4Config(group_size=128)}
+# int4: torchao's intx layout (int4 values, a byte each); int4-tile: its CUDA tinygemm layout (unpacked by a matmul with
+# the identity, see lightning_lora.quantize: expect it slow)
+FORMATS = {"nf4": NF4Config(), "int4": Int4Config(group_size=128),
+           "int4-tile": Int4Config(group_size=128, packing="tile_packed")}
 
 
 def llama_config(shape: str, layers: int | None):
@@ -264,7 +267,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first included")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--formats", default="nf4,int4", help="comma-separated: nf4, int4")
+    p.add_argument("--formats", default="nf4,int4", help="comma-separated: nf4, int4, int4-tile (CUDA only)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (HF, non-reentrant)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--check-layers", type=int, default=2)

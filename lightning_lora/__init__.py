@@ -8,6 +8,7 @@ from .export import export_merged, merged_state_dict
 from .fingerprint import base_fingerprint
 from .io import AdapterFileError, load_adapter, save_adapter
 from .methods.base import MergeError
+from .quantize import Int4Config, Int8Config, MergeReport, NF4Config, merge_quantized, quantize_base
 from .surgery import (
     adapter_state_dict,
     adapters,
@@ -26,9 +27,13 @@ __all__ = [
     "AdapterFileError",
     "BottleneckConfig",
     "ConfigError",
+    "Int4Config",
+    "Int8Config",
     "LoRACallback",
     "LoRAConfig",
     "MergeError",
+    "MergeReport",
+    "NF4Config",
     "adapter_state_dict",
     "adapters",
     "base_fingerprint",
@@ -37,8 +42,10 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "merge_quantized",
     "merged_state_dict",
     "parameter_counts",
+    "quantize_base",
     "save_adapter",
     "unload",
     "unmerge",

@@ -60,9 +60,11 @@ class Int8Config:
 class Int4Config:
     """int4 weight-only, asymmetric, one scale and zero point per ``group_size`` weights of a row.
 
-    ``packing``: ``tile_packed`` is torchao's CUDA layout (``Int4TilePackedTo4dTensor``, bfloat16 weights, 2 weights a
-    byte); ``intx`` is torchao's ``IntxUnpackedToInt8Tensor`` with int4 values, which runs anywhere, the CPU included,
-    but stores each 4-bit value in a byte; ``auto`` picks ``tile_packed`` for CUDA weights and ``intx`` otherwise.
+    ``packing``: ``intx`` is torchao's ``IntxUnpackedToInt8Tensor`` with int4 values: it runs anywhere (pure tensor
+    ops, the CPU included) but stores each 4-bit value in a byte. ``tile_packed`` is torchao's CUDA layout
+    (``Int4TilePackedTo4dTensor``, bfloat16, 2 weights a byte), whose only unpacking is a matmul with the identity (see
+    ``_dequantize_int4_tile_packed``): half the memory, much slower steps; not yet run on a GPU by our tests.
+    ``auto`` is ``intx``.
     """
 
     group_size: int = 128
@@ -139,7 +141,7 @@ def _int8_quantize(weight: Tensor, config: Int8Config) -> Tensor:
 
 
 def _int4_packing(weight: Tensor, config: Int4Config) -> str:
-    return config.packing if config.packing != "auto" else "tile_packed" if weight.is_cuda else "intx"
+    return "intx" if config.packing == "auto" else config.packing
 
 
 def _int4_quantize(weight: Tensor, config: Int4Config) -> Tensor:
@@ -170,13 +172,13 @@ HANDLERS: dict[type, FormatHandler] = {
 
 # -- dequantization and the training path ----------------------------------------------------------------------------
 def _dequantize_int4_tile_packed(weight: Tensor) -> Tensor:
-    # torchao has no unpack op for the tinygemm layout: its own matmul with the identity returns W^T exactly
-    # (bfloat16 values). This costs a k x k x n product per call; a dedicated unpack kernel would remove it.
-    k = weight.shape[1]
-    padded = weight.qdata.shape[1] * weight.qdata.shape[3] * 2 if weight.qdata.dim() == 4 else k
-    eye = torch.eye(max(k, padded), device=weight.device, dtype=torch.bfloat16)[:, :max(k, padded)]
+    # torchao 0.18 has no unpack op for the tinygemm layout: its own matmul with the identity returns W^T exactly (in
+    # bfloat16). That costs a (padded in)^2 x out product per call, so this layout is for memory, not speed.
+    out_features, in_features = weight.shape
+    padded = -(-in_features // 1024) * 1024  # the layout pads in_features to a multiple of 1024
+    eye = torch.eye(padded, device=weight.device, dtype=torch.bfloat16)
     wt = torch.ops.aten._weight_int4pack_mm(eye, weight.qdata, weight.block_size[-1], weight.scale_and_zero)
-    return wt[:k, : weight.shape[0]].T
+    return wt[:in_features, :out_features].T
 
 
 def _dequantizers() -> dict[type, Callable[[Tensor], Tensor]]:

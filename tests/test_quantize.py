@@ -99,11 +99,18 @@ def test_bfloat16_base_and_compile_without_graph_breaks() -> None:
     assert all(p.grad is not None and p.dtype == torch.float32 for p in layer.parameters() if p.requires_grad)
 
 
-def test_qdora_trains_through_an_nf4_base() -> None:
+def test_qdora_trains_and_merges_over_an_nf4_base() -> None:
     model = adapted(NF4, method="dora")
     model(TOKENS).logits.sum().backward()
     magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
     assert len(magnitudes) == 14 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in magnitudes)
+    with torch.no_grad():
+        for p in magnitudes:
+            p.mul_(1.05)  # a trained magnitude
+    expected = model(TOKENS).logits.detach()
+    report = merge_quantized(model, "dequantized", probe=TOKENS, report=None)
+    assert report.logits_max_diff < 1e-4 and not ll.adapters(model)
+    torch.testing.assert_close(model(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_is_idempotent_checks_everything_first_and_keeps_the_fingerprint() -> None:
