@@ -417,9 +417,15 @@ class ChatModule(pl.LightningModule):
 
             compare("merged (AutoModelForCausalLM)", AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype))
         if adapter_dir is not None:
+            from lightning_lora.quantize import quantize_base, quantized_layers
+
+            formats = {layer.quantization for layer in quantized_layers(self.model).values()}
             base = load_smollm2_model(dtype)
-            peft_base = copy.deepcopy(base) if _peft_can_load(adapter_dir) else None
+            # PEFT cannot rebuild our quantized base, so over one only our reload is compared
+            peft_base = copy.deepcopy(base) if _peft_can_load(adapter_dir) and not formats else None
             load_adapter(base, adapter_dir)
+            for config in formats:  # QLoRA: the adapter over the base quantized as in training
+                quantize_base(base, config)
             compare("adapter (lightning_lora.load_adapter)", base)
             if peft_base is not None:
                 from peft import PeftModel

@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import lightning_lora as ll
-from conftest import make_llama
+from conftest import make_gpt2, make_llama
 from lightning_lora.config import ConfigError
 from lightning_lora.methods.base import MergeError
 from tiny_modules import TinyLlamaModule, TokensDataModule
@@ -131,6 +131,10 @@ def test_quantize_is_idempotent_checks_everything_first_and_keeps_the_fingerprin
     with pytest.raises(ConfigError, match=r"down_proj.weight is trainable"):
         quantize_base(fresh, NF4)
     assert not quantized_layers(fresh), "a refused quantization must leave every layer as it was"
+    gpt2 = make_gpt2()
+    ll.inject(gpt2, {"method": "lora", "r": 2, "target_modules": ["c_attn"]})
+    with pytest.raises(ConfigError, match=r"transformer.h.0.attn.c_attn is a Conv1D; only nn.Linear bases"):
+        quantize_base(gpt2, Int8Config())
     with pytest.raises(ConfigError, match="Unknown quantization format 'nf5'"):
         as_quantize_config("nf5")
     with pytest.raises(ConfigError, match=r"no option \['group_size'\]"):
