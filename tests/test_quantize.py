@@ -301,3 +301,38 @@ def test_ddp_with_an_nf4_base_trains_as_one_process(tmp_path: Path) -> None:
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in single.items() if "lora_B" in k)
+
+
+class QuietLlama(TinyLlamaModule):
+    """No ``self.log`` in the step: Dynamo cannot trace Lightning's logging (with or without quantization)."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+
+def test_fit_of_a_compiled_module_over_an_nf4_base_has_no_graph_break(tmp_path: Path) -> None:
+    """``trainer.fit(torch.compile(module))``: one graph, and the teardown's ``.cpu()`` works although Dynamo holds weak
+    references to the quantized weights (``nn.Module._apply`` would try to swap them in place)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    module = QuietLlama()
+    trainer(tmp_path, [qlora(export_merged=False)], max_epochs=1, limit_train_batches=2).fit(
+        torch.compile(module, backend="aot_eager"), CountingTokens())
+    assert len(quantized_layers(module.model)) == 14
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
+
+
+def test_moving_keeps_the_base_quantized_and_a_cast_dequantizes_it() -> None:
+    model = adapted(NF4)
+    expected = model(TOKENS).logits
+    weakref_held = [__import__("weakref").ref(layer.weight) for layer in quantized_layers(model).values()]
+    model.cpu()  # Dynamo's guards hold such weak references; nn.Module._apply could not swap these tensors
+    assert len(quantized_layers(model)) == 14 and weakref_held
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.original_module.weight is layer.weight
+    torch.testing.assert_close(model(TOKENS).logits, expected)
+    model.double()
+    assert not quantized_layers(model) and layer.weight.dtype == torch.float64
+    torch.testing.assert_close(model(TOKENS).logits.float(), expected, rtol=1e-4, atol=1e-4)

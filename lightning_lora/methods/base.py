@@ -251,6 +251,26 @@ class AdaptedLayer(nn.Module):
             base.bias = self.bias
         return base
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AdaptedLayer:
+        """``nn.Module._apply`` (``.to``, ``.cpu``, ...) swaps tensor-subclass parameters in place, which fails once
+        ``torch.compile`` holds a weak reference to them; a quantized base weight (frozen, in no optimizer) is replaced
+        by a new Parameter instead. A dtype cast dequantizes it (as torchao's ``.to(dtype)`` does): the plain base op
+        then runs again."""
+        weight = self._parameters.get("weight")
+        if type(weight) not in DEQUANTIZERS:
+            return super()._apply(fn, recurse)
+        del self._parameters["weight"]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        with torch.no_grad():
+            moved = nn.Parameter(fn(weight), requires_grad=False)
+        self.weight = self.original_module.weight = moved
+        if type(moved) not in DEQUANTIZERS:
+            self.base_op = self.kind.forward
+        return self
+
     def extra_repr(self) -> str:
         return f"base={type(self.original_module).__name__}, merged={self.merged}, enabled={self.enabled}"
 
