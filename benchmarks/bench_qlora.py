@@ -36,7 +36,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lightning_lora as ll  # noqa: E402
-from lightning_lora.quantize import Int4Config, NF4Config, dequantize, quantize_base, quantized_layers  # noqa: E402
+from lightning_lora.quantize import (  # noqa: E402
+    Int4Config,
+    NF4Config,
+    dequantize,
+    quantize_base,
+    quantized_layers,
+)
 
 SHAPES = {
     # meta-llama/Llama-3.2-1B and Llama-3.1-8B config.json, random weights

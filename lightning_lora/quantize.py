@@ -99,8 +99,8 @@ def as_quantize_config(value: Union[str, dict, QuantizeConfig, None]) -> Optiona
 
 @dataclasses.dataclass(frozen=True)
 class FormatHandler:
-    """How one format quantizes a weight (``quantize``), what shapes it takes (``check`` returns why not, or None),
-    and which torchao tensor types hold it (their dequantization is in ``DEQUANTIZE``)."""
+    """How one format quantizes a weight (``quantize``) and which shapes it takes (``check``: why not, or None). The
+    torchao tensor types it produces are dequantized through ``methods.base.DEQUANTIZERS`` (see ``_dequantizers``)."""
 
     quantize: Callable[[Tensor, Any], Tensor]
     check: Callable[[tuple[int, ...], Any], Optional[str]]
@@ -140,14 +140,15 @@ def _int8_quantize(weight: Tensor, config: Int8Config) -> Tensor:
     return _via_torchao_config(weight, Int8WeightOnlyConfig())
 
 
-def _int4_packing(weight: Tensor, config: Int4Config) -> str:
-    return "intx" if config.packing == "auto" else config.packing
-
-
 def _int4_quantize(weight: Tensor, config: Int4Config) -> Tensor:
-    from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, MappingType, PerGroup
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        MappingType,
+        PerGroup,
+    )
 
-    if _int4_packing(weight, config) == "tile_packed":
+    if config.packing == "tile_packed":
         if not weight.is_cuda:
             raise ConfigError("Int4Config(packing='tile_packed') needs CUDA weights (torchao's tinygemm layout); use "
                               "packing='intx' (or 'auto') on the CPU.")
@@ -183,7 +184,9 @@ def _dequantize_int4_tile_packed(weight: Tensor) -> Tensor:
 
 def _dequantizers() -> dict[type, Callable[[Tensor], Tensor]]:
     from torchao.quantization import Int8Tensor, IntxUnpackedToInt8Tensor
-    from torchao.quantization.quantize_.workflows.int4.int4_tile_packed_to_4d_tensor import Int4TilePackedTo4dTensor
+    from torchao.quantization.quantize_.workflows.int4.int4_tile_packed_to_4d_tensor import (
+        Int4TilePackedTo4dTensor,
+    )
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
     return {
@@ -330,7 +333,8 @@ class MergeReport:
     def __str__(self) -> str:
         lines = [f"lightning_lora: merged {self.layers} quantized layers, target {self.target!r}:",
                  f"  weights vs exact: max abs error {self.weight_max_error:.3g}, relative {self.weight_rel_error:.3g}",
-                 f"  adapter update lost: {100 * self.update_rel_error:.1f}% (worst layer {self.worst_layer})"]
+                 f"  adapter update lost: {100 * self.update_rel_error:.1f}%"
+                 + (f" (worst layer {self.worst_layer})" if self.update_rel_error > 0 else "")]
         if self.logits_max_diff is not None:
             lines.append(f"  probe output change: max abs {self.logits_max_diff:.3g}, relative {self.logits_rel_diff:.3g}")
         if self.target == "requantized" and self.update_rel_error > 0.5:

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import make_gpt2, make_llama
 from pytorch_lightning.callbacks import ModelCheckpoint
+from tiny_modules import TinyLlamaModule, TokensDataModule
 
 import lightning_lora as ll
-from conftest import make_gpt2, make_llama
 from lightning_lora.config import ConfigError
 from lightning_lora.methods.base import MergeError
-from tiny_modules import TinyLlamaModule, TokensDataModule
 
 pytest.importorskip("torchao")
 from lightning_lora.quantize import (  # noqa: E402
