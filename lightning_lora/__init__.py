@@ -34,6 +34,7 @@ __all__ = [
     "MergeError",
     "MergeReport",
     "NF4Config",
+    "QuantizedPrecision",
     "adapter_state_dict",
     "adapters",
     "base_fingerprint",
@@ -58,4 +59,8 @@ def __getattr__(name: str):
         from .callbacks import LoRACallback
 
         return LoRACallback
+    if name == "QuantizedPrecision":
+        from .plugins import QuantizedPrecision
+
+        return QuantizedPrecision
     raise AttributeError(f"module 'lightning_lora' has no attribute {name!r}")

@@ -336,3 +336,22 @@ def test_moving_keeps_the_base_quantized_and_a_cast_dequantizes_it() -> None:
     model.double()
     assert not quantized_layers(model) and layer.weight.dtype == torch.float64
     torch.testing.assert_close(model(TOKENS).logits.float(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_precision_plugin_quantizes_in_convert_module(tmp_path: Path) -> None:
+    from lightning_lora.plugins import QuantizedPrecision
+
+    plugin = QuantizedPrecision({"format": "int8"})
+    module = TinyLlamaModule(lr=2e-2)
+    trainer(tmp_path, [ll.LoRACallback(r=4, export_merged=False)], max_epochs=2, plugins=[plugin]).fit(
+        module, CountingTokens())
+    layers = quantized_layers(module.model)
+    assert len(layers) == 14 and all(layer.quantization == Int8Config() for layer in layers.values())
+    assert sum(module.losses[8:]) < sum(module.losses[:8])
+    assert all(name.startswith("model.model.layers.") for name in module._ddp_params_and_buffers_to_ignore)
+
+    with pytest.raises(ConfigError, match="found no adapted nn.Linear"):  # no adapter injected
+        trainer(tmp_path, [], max_epochs=1, plugins=[QuantizedPrecision("int8")]).fit(
+            TinyLlamaModule(), CountingTokens())
+    with pytest.raises(ConfigError, match="Unknown quantization format"):
+        QuantizedPrecision("int3")

@@ -1,5 +1,7 @@
-"""Lightning glue for quantized bases (``quantization.py``)."""
+"""Lightning glue for quantized bases: ``quantization.py`` (called by ``LoRACallback(quantize=...)``) and
+``precision.py`` (``QuantizedPrecision``, the same step as a precision plugin)."""
 
+from .precision import QuantizedPrecision
 from .quantization import quantize_for_strategy
 
-__all__ = ["quantize_for_strategy"]
+__all__ = ["QuantizedPrecision", "quantize_for_strategy"]
