@@ -355,3 +355,15 @@ def test_precision_plugin_quantizes_in_convert_module(tmp_path: Path) -> None:
             TinyLlamaModule(), CountingTokens())
     with pytest.raises(ConfigError, match="Unknown quantization format"):
         QuantizedPrecision("int3")
+
+
+def test_cli_lora_quantize_option(tmp_path: Path) -> None:
+    from lightning_lora.cli import build_cli
+
+    cli = build_cli(["fit", "--model=tiny_modules.TinyLlamaModule", "--data=tiny_modules.TokensDataModule",
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.logger=false",
+                     "--trainer.enable_checkpointing=false", "--lora.r=2", "--lora.export_merged=false",
+                     '--lora.quantize={"format": "int4", "group_size": 16}'])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
+    assert callback.quantize == Int4Config(group_size=16)
+    assert len(quantized_layers(cli.model.model)) == 14
