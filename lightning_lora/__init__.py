@@ -3,12 +3,20 @@
 The core (config, targeting, methods, surgery, io) works on any ``nn.Module``; ``LoRACallback`` is the Lightning glue.
 """
 
+from .atomic import ExportError, ExportTargetError
 from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
 from .export import export_merged, merged_state_dict
-from .fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint, compare_fingerprints
 from .io import AdapterFileError, load_adapter, save_adapter
 from .methods.base import MergeError
-from .quantize import Int4Config, Int8Config, MergeReport, NF4Config, merge_quantized, quantize_base
+from .quantize import (
+    Int4Config,
+    Int8Config,
+    MergeReport,
+    NF4Config,
+    merge_quantized,
+    quantize_base,
+)
 from .surgery import (
     adapter_state_dict,
     adapters,
@@ -27,6 +35,8 @@ __all__ = [
     "AdapterFileError",
     "BottleneckConfig",
     "ConfigError",
+    "ExportError",
+    "ExportTargetError",
     "Int4Config",
     "Int8Config",
     "LoRACallback",
@@ -38,6 +48,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "base_fingerprint",
+    "compare_fingerprints",
     "disable_adapters",
     "export_merged",
     "inject",

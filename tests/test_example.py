@@ -81,7 +81,9 @@ def test_example_configs_parse(config: Path, monkeypatch: pytest.MonkeyPatch) ->
     built = [_build(c.class_path, c.init_args.as_dict()) for c in cli.config.trainer.callbacks]
     assert not [c for c in built if isinstance(c, LoRACallback)], "the adapter belongs in the 'lora' section"
     lora = LoRACallback(**cli.config.lora.as_dict())
-    assert lora.config.method == config.stem.split("_")[1]
+    variant = config.stem.split("_")[1]  # smollm2_<variant>.yaml: a method, or qlora (LoRA over a quantized base)
+    assert lora.config.method == ("lora" if variant == "qlora" else variant)
+    assert (lora.quantize is not None) == (variant == "qlora")
     assert lora.export_merged == (lora.config.method != "houlsby")
     _build(cli.config.data.class_path, cli.config.data.init_args.as_dict())
 

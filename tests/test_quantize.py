@@ -16,9 +16,7 @@ from tiny_modules import TinyLlamaModule, TokensDataModule
 import lightning_lora as ll
 from lightning_lora.config import ConfigError
 from lightning_lora.methods.base import MergeError
-
-pytest.importorskip("torchao")
-from lightning_lora.quantize import (  # noqa: E402
+from lightning_lora.quantize import (
     Int4Config,
     Int8Config,
     NF4Config,
