@@ -280,7 +280,8 @@ def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) 
         pytest.skip(f"{strategy} cannot be built here: {err}")
     assert unsupported_strategy(sharded) == strategy
     try:
-        sharded_trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=sharded, logger=False,
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"  # FSDP's refusal runs for real on a GPU
+        sharded_trainer = pl.Trainer(accelerator=accelerator, devices=1, strategy=sharded, logger=False,
                                      default_root_dir=tmp_path)
     except Exception as err:  # noqa: BLE001 - FSDP wants a GPU
         pytest.skip(f"a Trainer with {strategy} cannot be built here: {err}")
