@@ -279,7 +279,8 @@ def _quantizable_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, A
 def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
                   device: Union[str, torch.device, None] = None) -> list[str]:
     """Quantize the frozen base weight of every adapted ``nn.Linear`` in ``model`` to ``config``'s format, in place;
-    returns the paths converted. Adapters are untouched (they stay float32).
+    returns the paths converted. Adapters stay float32; an untrained DoRA magnitude restarts from the quantized
+    weight's norms (``WeightUpdate.after_base_replaced``), so the adapted model still equals its base at step 0.
 
     Layer by layer: each weight is moved to ``device`` (default: where it is), quantized there and replaces the
     original, so a model loaded on the CPU is quantized onto the GPU without the full-precision base ever being there
@@ -300,6 +301,8 @@ def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
         layer.original_module.weight = quantized  # the original module must not keep the dense weight alive
         layer.base_op = quantized_linear
         layer.quantization = config
+        for update in layer.adapters.values():
+            update.after_base_replaced(layer)
         log.debug("lightning_lora: quantized %s to %s", path, config)
     return list(todo)
 

@@ -111,6 +111,30 @@ def test_qdora_trains_and_merges_over_an_nf4_base() -> None:
     torch.testing.assert_close(model(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_an_untrained_qdora_equals_its_quantized_base_and_a_trained_one_is_kept() -> None:
+    """DoRA's m starts as ||W||: over a quantized base it must be ||dequant(Wq)||, or step 0 is off by the quantization
+    error. An update whose B is not zero (trained or loaded) keeps its m."""
+    model = make_llama()
+    ll.inject(model, {"method": "dora", "r": 4}, seed=1)
+    quantize_base(model, NF4)
+    with ll.disable_adapters(model):
+        base = model(TOKENS).logits
+    torch.testing.assert_close(model(TOKENS).logits, base, rtol=1e-5, atol=1e-5)
+    for layer in quantized_layers(model).values():
+        norms = torch.linalg.vector_norm(dequantize(layer.weight).float(), dim=1)
+        torch.testing.assert_close(layer.adapters["default"].lora_magnitude_vector, norms, rtol=1e-6, atol=0)
+
+    model = make_llama()
+    ll.inject(model, {"method": "dora", "r": 4}, seed=1)
+    loaded = model.model.layers[0].self_attn.q_proj.adapters["default"]
+    with torch.no_grad():
+        loaded.lora_B.weight.fill_(0.01)
+        loaded.lora_magnitude_vector.mul_(1.05)
+    kept = loaded.lora_magnitude_vector.detach().clone()
+    quantize_base(model, NF4)
+    assert torch.equal(loaded.lora_magnitude_vector, kept)
+
+
 def test_quantize_is_idempotent_checks_everything_first_and_keeps_the_fingerprint() -> None:
     model = adapted()
     fingerprint = ll.base_fingerprint(model)

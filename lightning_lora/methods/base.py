@@ -122,6 +122,10 @@ class WeightUpdate(nn.Module):
     def after_unmerge(self, layer: AdaptedLayer) -> None:
         """Drop what ``before_merge`` kept."""
 
+    def after_base_replaced(self, layer: AdaptedLayer) -> None:
+        """The layer's base weight was replaced by an approximation of itself (``quantize_base``): re-derive what an
+        untrained update took from the old one. A trained or loaded update is left as it is."""
+
 
 class AdaptedLayer(nn.Module):
     """A base layer with weight updates, in the model in place of that layer.
@@ -206,10 +210,11 @@ class AdaptedLayer(nn.Module):
 
     def merge(self, names: Optional[Iterable[str]] = None) -> None:
         """Fold adapters ``names`` (default: all) into the weight; merged ones are skipped."""
-        if type(self.weight) in DEQUANTIZERS:
+        names = list(self.adapters) if names is None else list(names)
+        if type(self.weight) in DEQUANTIZERS and any(not self.adapters[n].merged for n in names):
             raise MergeError("the base weight is quantized, so a merge in place would round the update away; use "
                              "lightning_lora.quantize.merge_quantized(model, target=...) to choose what to merge into")
-        for name in list(self.adapters) if names is None else names:
+        for name in names:
             update = self.adapters[name]
             if update.merged:
                 continue

@@ -71,6 +71,13 @@ class DoRAUpdate(LoRAUpdate):
     def after_unmerge(self, layer: AdaptedLayer) -> None:
         self._norm_at_merge = None
 
+    @torch.no_grad()
+    def after_base_replaced(self, layer: AdaptedLayer) -> None:
+        """While B is still zero (as initialized, so neither trained nor loaded), m starts again from the new base's
+        norms: QDoRA then equals the quantized base exactly at step 0, not up to its quantization error."""
+        if not self.lora_B.weight.any():
+            self.lora_magnitude_vector.copy_(self.column_norm(layer.linear_weight()))
+
 
 def build_dora(base_layer: nn.Module, config: LoRAConfig, path: str) -> DoRAUpdate:
     r, alpha = rank_and_alpha(config, path)
