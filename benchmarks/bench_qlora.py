@@ -210,6 +210,41 @@ class Result:
     first_step_s: float | None = None
     peak_gib: float | None = None
     note: str = ""
+    profile: str = ""
+
+
+# Kernel names -> where a step's device time goes (first match wins); the rest is "other".
+KERNEL_CATEGORIES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma", "matmul")),
+    ("fused (Triton, from compile)", ("triton_",)),
+    ("copies and casts", ("copy", "cast", "convert", "to_copy", "fill")),
+]
+
+
+def profile_steps(step, steps: int, top: int = 12) -> str:
+    """Device time of ``steps`` steps split by kernel category, and the ``top`` kernels by device time (markdown)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.device_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    total = sum(ms for _, ms, _ in kernels) or 1.0
+    split: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        low = name.lower()
+        category = next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+        split[category] = split.get(category, 0.0) + ms
+    lines = [f"device time per step {total:.1f} ms: " + ", ".join(
+        f"{c} {ms:.1f} ms ({100 * ms / total:.0f}%)" for c, ms in sorted(split.items(), key=lambda kv: -kv[1]))]
+    lines += ["", "| kernel | ms/step | calls/step |", "|---|---:|---:|"]
+    for name, ms, count in sorted(kernels, key=lambda k: -k[1])[:top]:
+        lines.append(f"| `{name[:90]}` | {ms:.2f} | {count} |")
+    return "\n".join(lines)
 
 
 def free(device: str) -> None:
@@ -237,12 +272,13 @@ def run(name: str, make, args, ids: torch.Tensor, device: str, compiled: bool) -
             step()
             sync(device)
             times.append(time.perf_counter() - t)
+        profiled = profile_steps(step, args.profile_steps) if args.profile and device.startswith("cuda") else ""
     except Exception as err:  # one variant failing (no bitsandbytes kernel, out of memory) should not hide the rest
         return Result(name, note=f"failed: {type(err).__name__}: {str(err)[:120]}")
     finally:
         model = step = None
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
-    return Result(name, ids.numel() / statistics.median(times), first, peak)
+    return Result(name, ids.numel() / statistics.median(times), first, peak, profile=profiled)
 
 
 def variants(args, config, device: str) -> list[tuple[str, object, bool]]:
@@ -276,6 +312,9 @@ def main() -> int:
     p.add_argument("--formats", default="nf4,int4", help="comma-separated: nf4, int4, int4-tile (CUDA only)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (HF, non-reentrant)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true", help="after timing, profile steps of each variant (CUDA)")
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--only", default="", help="variant names to run, separated by semicolons (default: all)")
     p.add_argument("--check-layers", type=int, default=2)
     p.add_argument("--check-batch", type=int, default=2)
     p.add_argument("--check-seq", type=int, default=256)
@@ -302,7 +341,8 @@ def main() -> int:
     ids = torch.randint(3, config.vocab_size, (args.batch, args.seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     results = []
-    for label, make, compiled in variants(args, config, device):
+    chosen = [v for v in variants(args, config, device) if not args.only or v[0] in args.only.split(";")]
+    for label, make, compiled in chosen:
         if label.startswith("PEFT"):
             try:
                 import bitsandbytes  # noqa: F401
@@ -318,6 +358,9 @@ def main() -> int:
     for r in results:
         print(f"| {r.name} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.first_step_s, '.1f')} | {fmt(r.peak_gib, '.1f')} "
               f"| {r.note} |")
+    for r in results:
+        if r.profile:
+            print(f"\n### Profile: {r.name}\n\n{r.profile}")
     return 0 if ok else 1
 
 
