@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -12,7 +13,10 @@ from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory
 from .methods.base import MergeError
+from .quantize import MergeReport, dequantized_merge
 from .surgery import adapters, base_state_dict, weight_adapters
+
+log = logging.getLogger(__name__)
 
 MERGED_WEIGHTS = "model.safetensors"
 MERGED_KIND = "merged"
@@ -22,16 +26,23 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The base state dict with every update folded in, computed out of place: the model is not changed.
 
     Raises ``MergeError`` for inserted adapters and for updates that would put inf/NaN into a weight."""
+    return _merge(model)[0]
+
+
+def _merge(model: nn.Module) -> tuple[dict[str, Tensor], Optional[MergeReport]]:
+    """``merged_state_dict``, and the ``MergeReport`` of its quantized layers (merged to the ``dequantized`` target,
+    as ``quantize.merge_quantized`` does), or None when no base weight is quantized."""
     layers = {id(layer) for layer in weight_adapters(model, "merge")}
     state = base_state_dict(model)
+    dequantized, report = dequantized_merge(model)
     for path, layer in adapters(model).items():
         if id(layer) not in layers:
             continue
-        merged = layer.merged_weight()
+        merged = dequantized[path] if path in dequantized else layer.merged_weight()
         if not torch.isfinite(merged).all():
             raise MergeError(f"Merging {path} gives inf/NaN; the adapter has diverged, so no merged model was written.")
         state[f"{path}.weight" if path else "weight"] = merged
-    return state
+    return state, report
 
 
 @contextlib.contextmanager
@@ -58,8 +69,13 @@ def _gguf_loaded_savable(model: nn.Module) -> Iterator[None]:
             config.quantization_config = qconfig
 
 
-def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) -> Path:
+def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None,
+                  report: Optional[Callable[[MergeReport], None]] = None) -> Path:
     """Write ``model`` with its adapters merged, without changing ``model``.
+
+    Over a quantized base (QLoRA) the merged weights are the ``dequantized`` target, dequant(Wq) + dW: what the trained
+    model computed. Their measured ``MergeReport`` is logged at INFO (logger ``lightning_lora.export``) and handed to
+    ``report`` when given.
 
     A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
     ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
@@ -76,7 +92,7 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) 
             f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__} {tokenizer!r:.60}."
         )
     check_export_target(directory, MERGED_KIND)
-    state = merged_state_dict(model)
+    state, merge_report = _merge(model)
     from transformers import PreTrainedModel
 
     with export_directory(directory, MERGED_KIND) as staging:
@@ -88,6 +104,10 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) 
         else:
             contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(_untie(contiguous), str(staging / MERGED_WEIGHTS), metadata={"format": "pt"})
+    if merge_report is not None:
+        log.info("%s\n  written to %s", merge_report, directory)
+        if report is not None:
+            report(merge_report)
     return Path(directory)
 
 

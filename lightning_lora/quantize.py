@@ -371,6 +371,45 @@ def _original_weights(original: Union[Mapping[str, Tensor], nn.Module], layers: 
     return found
 
 
+def _merged_weights(layers: dict[str, AdaptedLayer], target: str, originals: dict[str, Tensor],
+                    dtype: Optional[torch.dtype]) -> tuple[dict[str, Tensor], MergeReport]:
+    """Each quantized layer's merged weight for ``target`` and what the merge cost (without the probe's part),
+    computed out of place: the model is unchanged."""
+    new_weights: dict[str, Tensor] = {}
+    err_sq = ref_sq = lost_sq = update_sq = 0.0
+    max_err, worst, worst_lost = 0.0, "", -1.0
+    for path, layer in layers.items():
+        update = sum(layer.delta_weight(n).float() for n in layer.adapters)
+        start = originals[path].to(update.device).float() if target == "original" else dequantize(layer.weight).float()
+        exact = start + update
+        if target == "requantized":
+            new = HANDLERS[type(layer.quantization)].quantize(exact.to(layer.weight.dtype), layer.quantization)
+            result = dequantize(new).float()
+        else:
+            new = exact.to(dtype or (originals[path].dtype if target == "original" else layer.weight.dtype))
+            result = new.float()
+        err = result - exact
+        lost = torch.linalg.vector_norm(result - start - update).item() ** 2
+        layer_update = torch.linalg.vector_norm(update).item() ** 2
+        err_sq += torch.linalg.vector_norm(err).item() ** 2
+        ref_sq += torch.linalg.vector_norm(exact).item() ** 2
+        lost_sq, update_sq = lost_sq + lost, update_sq + layer_update
+        max_err = max(max_err, err.abs().max().item())
+        if lost / max(layer_update, 1e-30) > worst_lost:
+            worst, worst_lost = path, lost / max(layer_update, 1e-30)
+        new_weights[path] = new
+    return new_weights, MergeReport(target, len(layers), max_err, math.sqrt(err_sq / max(ref_sq, 1e-30)),
+                                    math.sqrt(lost_sq / max(update_sq, 1e-30)), worst)
+
+
+@torch.no_grad()
+def dequantized_merge(model: nn.Module) -> tuple[dict[str, Tensor], Optional[MergeReport]]:
+    """The ``dequantized`` merge target of every quantized adapted layer, by path, and its ``MergeReport``, without
+    changing the model (for ``export_merged``); ``({}, None)`` when no base weight is quantized."""
+    layers = quantized_layers(model)
+    return _merged_weights(layers, "dequantized", {}, None) if layers else ({}, None)
+
+
 @torch.no_grad()
 def merge_quantized(model: nn.Module, target: str = "dequantized", original: Union[Mapping[str, Tensor], nn.Module, None] = None,
                     dtype: Optional[torch.dtype] = None, probe: Any = None,
@@ -400,30 +439,7 @@ def merge_quantized(model: nn.Module, target: str = "dequantized", original: Uni
     originals = _original_weights(original, layers) if target == "original" else {}
     before = _output(model, probe) if probe is not None else None
 
-    new_weights: dict[str, Tensor] = {}
-    err_sq = ref_sq = lost_sq = update_sq = 0.0
-    max_err, worst, worst_lost = 0.0, "", -1.0
-    for path, layer in layers.items():
-        update = sum(layer.delta_weight(n).float() for n in layer.adapters)
-        start = originals[path].to(update.device).float() if target == "original" else dequantize(layer.weight).float()
-        exact = start + update
-        if target == "requantized":
-            new = HANDLERS[type(layer.quantization)].quantize(exact.to(layer.weight.dtype), layer.quantization)
-            result = dequantize(new).float()
-        else:
-            new = exact.to(dtype or (originals[path].dtype if target == "original" else layer.weight.dtype))
-            result = new.float()
-        err = result - exact
-        lost = torch.linalg.vector_norm(result - start - update).item() ** 2
-        layer_update = torch.linalg.vector_norm(update).item() ** 2
-        err_sq += torch.linalg.vector_norm(err).item() ** 2
-        ref_sq += torch.linalg.vector_norm(exact).item() ** 2
-        lost_sq, update_sq = lost_sq + lost, update_sq + layer_update
-        max_err = max(max_err, err.abs().max().item())
-        if lost / max(layer_update, 1e-30) > worst_lost:
-            worst, worst_lost = path, lost / max(layer_update, 1e-30)
-        new_weights[path] = new
-
+    new_weights, result = _merged_weights(layers, target, originals, dtype)
     others = [a for p, a in adapters(model).items() if p not in layers and isinstance(a, AdaptedLayer)]
     for layer in others:
         layer.check_mergeable()
@@ -432,8 +448,6 @@ def merge_quantized(model: nn.Module, target: str = "dequantized", original: Uni
         _set_submodule(model, path, layer.unwrap())  # its update is in the weight now: the adapters go
     unload(model, merge=True)  # adapted layers that were not quantized merge as usual
 
-    result = MergeReport(target, len(layers), max_err, math.sqrt(err_sq / max(ref_sq, 1e-30)),
-                         math.sqrt(lost_sq / max(update_sq, 1e-30)), worst)
     if before is not None:
         after = _output(model, probe)
         result.logits_max_diff = (after - before).abs().max().item()

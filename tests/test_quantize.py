@@ -208,6 +208,16 @@ def test_merge_targets_and_their_measured_errors(name: str) -> None:
         torch.testing.assert_close(model.get_submodule(path).weight, layer.merged_weight())
 
 
+def test_export_merged_from_a_quantized_base_logs_merge_quantizeds_report(tmp_path: Path, caplog) -> None:
+    expected = merge_quantized(adapted(NF4), "dequantized", report=None)
+    model, reports = adapted(NF4), []
+    with caplog.at_level("INFO", logger="lightning_lora"):
+        ll.export_merged(model, tmp_path / "merged", report=reports.append)
+    assert reports == [expected] and expected.layers == 14
+    assert str(expected) in caplog.text and str(tmp_path / "merged") in caplog.text
+    assert len(quantized_layers(model)) == 14, "the model is unchanged"
+
+
 @pytest.mark.parametrize(("name", "lost"), [("nf4", (0.5, 10.0)), ("int4", (0.5, 10.0)), ("int8", (0.01, 0.5))])
 def test_requantizing_a_trained_sized_update_to_4_bits_loses_most_of_it(name: str, lost: tuple) -> None:
     model = adapted(FORMATS[name])
@@ -274,6 +284,9 @@ def test_fit_with_an_nf4_base_lowers_the_loss_and_checkpoints_only_the_adapter(t
 
     merged = LlamaForCausalLM.from_pretrained(callback.merged_dir).eval()
     torch.testing.assert_close(merged(TOKENS).logits, expected, rtol=1e-4, atol=1e-4)
+    report = callback.merge_report  # measured, as merge_quantized's
+    assert report.target == "dequantized" and report.layers == 14 and report.weight_max_error == 0
+    assert report.update_rel_error < 1e-6
 
     resumed = TinyLlamaModule(lr=2e-2)
     trainer(tmp_path, [qlora()], max_epochs=4, enable_checkpointing=False).fit(

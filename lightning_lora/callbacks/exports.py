@@ -20,7 +20,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -28,15 +28,17 @@ from lightning_lora.atomic import ExportError, check_export_target, export_direc
 from lightning_lora.atomic import _exchange  # renameat2(RENAME_EXCHANGE) where the kernel has it
 from lightning_lora.export import export_merged
 from lightning_lora.io import save_adapter
+from lightning_lora.quantize import MergeReport
 
 JOURNAL = ".lightning_lora-final"
 STEP_KIND = "checkpoint export"
 _LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-[0-9a-f]+$")
 
 
-def _write(model: nn.Module, directory: Path, merged: bool, tokenizer: Any) -> tuple[Path, Optional[Path]]:
+def _write(model: nn.Module, directory: Path, merged: bool, tokenizer: Any,
+           report: Optional[Callable[[MergeReport], None]] = None) -> tuple[Path, Optional[Path]]:
     adapter_dir = save_adapter(model, directory / "adapter")
-    merged_dir = export_merged(model, directory / "merged", tokenizer=tokenizer) if merged else None
+    merged_dir = export_merged(model, directory / "merged", tokenizer, report) if merged else None
     return adapter_dir, merged_dir
 
 
@@ -46,8 +48,10 @@ def export_step(model: nn.Module, directory: Path, merged: bool, tokenizer: Any 
         _write(model, staging, merged, tokenizer)
 
 
-def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = None) -> tuple[Path, Optional[Path]]:
-    """Write ``root/adapter`` and ``root/merged`` as a pair (see the module docstring); returns their paths.
+def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = None,
+                 report: Optional[Callable[[MergeReport], None]] = None) -> tuple[Path, Optional[Path]]:
+    """Write ``root/adapter`` and ``root/merged`` as a pair (see the module docstring); returns their paths. A merge
+    from a quantized base hands its ``MergeReport`` to ``report`` (``export_merged``).
 
     Raises ``ExportError`` naming ``root`` if the write fails; the previous pair is then unchanged."""
     root = Path(root)
@@ -59,7 +63,7 @@ def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = No
     staging = root / f".final.tmp-{secrets.token_hex(4)}"
     try:
         os.mkdir(staging, 0o777)
-        _write(model, staging, merged, tokenizer)
+        _write(model, staging, merged, tokenizer, report)
         inodes = {name: os.stat(staging / name).st_ino for name in names}
         (staging / "inodes.json").write_text(json.dumps(inodes), encoding="utf-8")
         fsync_path(staging / "inodes.json")

@@ -38,7 +38,7 @@ from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
 from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
 from lightning_lora.plugins.quantization import quantize_for_strategy
-from lightning_lora.quantize import as_quantize_config
+from lightning_lora.quantize import MergeReport, as_quantize_config
 from lightning_lora.surgery import (
     adapter_parameters,
     adapters,
@@ -91,6 +91,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         quantize: QLoRA: quantize the frozen base of the adapted nn.Linear layers with torchao: nf4, int8 or int4, or
             a dict with format and its options, e.g. {format: nf4, scaler_block_size: 64} (lightning_lora.quantize).
             Done on the training device right after the precision plugin's cast; checkpoints never hold the base.
+            The merged export is then dequant(Wq) + dW, and what that merge cost is logged and kept in merge_report.
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.quantize = as_quantize_config(quantize)
         self.adapter_dir: Optional[Path] = None
         self.merged_dir: Optional[Path] = None
+        self.merge_report: Optional[MergeReport] = None  # what the fit-end merge from a quantized base cost
         self._root: Optional[nn.Module] = None
         self._root_path = ""
         self._fingerprint: Optional[str] = None
@@ -377,7 +379,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         try:
             if trainer.is_global_zero:
                 self.adapter_dir, self.merged_dir = export_final(
-                    self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer))
+                    self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
+                    report=lambda report: setattr(self, "merge_report", report))
                 rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
                                + (f", merged model to {self.merged_dir}" if self.merged_dir else ""))
                 stale = self.adapter_dir.parent / "merged"
