@@ -382,7 +382,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                     self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
                     report=lambda report: setattr(self, "merge_report", report))
                 rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
-                               + (f", merged model to {self.merged_dir}" if self.merged_dir else ""))
+                               + (f", merged model to {self.merged_dir}" if self.merged_dir else "")
+                               + (f"\n{self.merge_report}" if self.merge_report else ""))
                 stale = self.adapter_dir.parent / "merged"
                 if self.merged_dir is None and stale.exists():  # never deleted: it may be all a user kept of a run
                     rank_zero_warn(f"lightning_lora: {stale} is a merged export from an earlier run; this run wrote "
