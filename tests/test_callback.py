@@ -13,15 +13,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 import lightning_lora as ll
 from conftest import make_llama
-from tiny_modules import ConfigureModelLlama, PlainModule, TinyLlamaModule, TokensDataModule
+from tiny_modules import ConfigureModelLlama, PlainModule, TinyLlamaModule, TokensDataModule, trainer
 
-
-def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0, deterministic=True)
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
 
 
 def lora(**kwargs) -> ll.LoRACallback:
@@ -318,3 +311,28 @@ def test_resume_mid_epoch_with_a_stateful_dataloader_is_exact(tmp_path: Path) ->
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(resumed.losses, straight.losses[13:], rtol=1e-5, atol=1e-6)
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``os.system``: a checkpoint holding it must be refused, not loaded."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_resume_never_unpickles_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading never executes code: the callback's checkpoint reader asks for torch's restricted unpickler
+    (weights_only) even where the caller leaves it unset, so a checkpoint carrying a callable object is refused; the
+    environment variable makes an unset weights_only mean full unpickling, as older torch releases did."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    module = TinyLlamaModule()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [lora(), checkpoint], max_steps=2).fit(module, TokensDataModule())
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
+    saved["hyper_parameters"] = {"payload": _RunsCodeWhenUnpickled()}
+    torch.save(saved, tmp_path / "tampered.ckpt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
+        trainer(tmp_path, [lora()], max_steps=4).fit(TinyLlamaModule(), TokensDataModule(),
+                                                      ckpt_path=tmp_path / "tampered.ckpt")

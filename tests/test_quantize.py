@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import make_gpt2, make_llama
 from pytorch_lightning.callbacks import ModelCheckpoint
-from tiny_modules import TinyLlamaModule, TokensDataModule
+from tiny_modules import TinyLlamaModule, TokensDataModule, trainer
 
 import lightning_lora as ll
 from lightning_lora.config import ConfigError
@@ -242,13 +242,6 @@ def test_merge_original_needs_every_weight_and_leaves_the_model_unchanged_otherw
         merge_quantized(model, "fused")
 
 
-def trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    limit_val_batches=0, deterministic=True)
-    defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
-
 
 class CountingTokens(TokensDataModule):
     """Sequences that repeat one token: the next token is learnable in a few steps, unlike random tokens."""
@@ -271,7 +264,7 @@ def test_fit_with_an_nf4_base_lowers_the_loss_and_checkpoints_only_the_adapter(t
     first, last = sum(module.losses[:8]) / 8, sum(module.losses[16:]) / 8  # the same 8 batches, epochs 1 and 3
     assert len(module.losses) == 24 and last < first - 0.05, (first, last)  # measured 4.17 -> 4.02
 
-    saved = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)["state_dict"]
     assert saved and all(".adapters.default." in k for k in saved), sorted(saved)[:3]
     # the adapter written at fit end loads onto the full-precision base (same fingerprint)
     plain = make_llama()

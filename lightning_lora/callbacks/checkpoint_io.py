@@ -67,8 +67,11 @@ class AdapterCheckpointIO(*CHECKPOINT_IO_BASES):  # type: ignore[misc]
     @override
     def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
                         ) -> dict[str, Any]:
+        # Loading never executes code: checkpoints of ours hold tensors and plain data only, so the unpickler is the
+        # restricted one unless the caller turned it off explicitly (older torch defaults None to full unpickling).
         kwargs = {} if map_location is None else {"map_location": map_location}
-        return self.checkpoint_io.load_checkpoint(path, weights_only=weights_only, **kwargs)
+        return self.checkpoint_io.load_checkpoint(path, weights_only=True if weights_only is None else weights_only,
+                                                  **kwargs)
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
