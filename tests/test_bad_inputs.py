@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 from conftest import make_gpt2, make_llama, make_plain
+from tiny_modules import AttentionNet
 from model_state import model_state_hash
 from peft_oracle import PEFT_WARNINGS
 from safetensors import safe_open
@@ -36,17 +37,6 @@ from lightning_lora.surgery import inject, merge
 
 pytestmark = [pytest.mark.filterwarnings(w) for w in PEFT_WARNINGS]
 
-
-class AttentionNet(nn.Module):
-    """A model holding ``nn.MultiheadAttention``, whose ``out_proj`` forward is never called by its owner."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.ffn = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attn(x, x, x, need_weights=False)[0])
 
 
 def _with(method: str, **options: Any) -> Callable[[], nn.Module]:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import pytest
 from conftest import make_bert, make_gpt2, make_llama, make_plain
+from tiny_modules import AttentionNet
 from peft_oracle import PEFT_WARNINGS, peft_adapted_paths, peft_inner, peft_model
 import torch
 from torch import nn
@@ -259,16 +260,6 @@ def test_export_names_exactly_the_trained_modules_for_peft(tmp_path: Any) -> Non
     again = copy.deepcopy(model)
     assert load_adapter(again, tmp_path / "a") == chosen and torch.allclose(again(x), ours(x), atol=1e-6)
 
-
-# -- nn.MultiheadAttention.out_proj ----------------------------------------------------------------------------------
-class AttentionNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-        self.ffn = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attn(x, x, x, need_weights=False)[0])
 
 
 def test_all_linear_skips_multihead_attention_out_proj() -> None:

@@ -7,6 +7,28 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from conftest import VOCAB, make_llama, make_plain
+from torch import nn
+
+
+def trainer(tmp_path, callbacks: list, **kwargs) -> pl.Trainer:
+    """A quiet, deterministic CPU Trainer for the callback tests; ``kwargs`` override the defaults."""
+    defaults = dict(accelerator="cpu", devices=1, max_epochs=2, default_root_dir=tmp_path, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    limit_val_batches=0, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+class AttentionNet(nn.Module):
+    """A model holding ``nn.MultiheadAttention``, whose ``out_proj`` forward is never called by its owner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.ffn = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(self.attn(x, x, x, need_weights=False)[0])
 
 
 class RandomTokens(Dataset):

@@ -302,8 +302,9 @@ class MethodSpec:
 
 
 class InsertedAdapter(nn.Module):
-    """An inserted-module adapter: attached as a child of one sublayer, it rewrites that sublayer's output through a
-    forward hook. It never touches base weights and cannot merge."""
+    """An inserted-module adapter: attached as a child of one sublayer, it rewrites the output of that sublayer (or of
+    the module inside it that ``hooked_module`` names) through a forward hook. It never touches base weights and
+    cannot merge."""
 
     attach_name = "adapter"
 
@@ -313,9 +314,15 @@ class InsertedAdapter(nn.Module):
         object.__setattr__(self, "_hook", None)
         self.enabled = True
 
+    def hooked_module(self, sublayer: nn.Module) -> nn.Module:
+        """The module whose output the adapter rewrites: the sublayer itself unless a method places it elsewhere."""
+        return sublayer
+
     def attach(self, sublayer: nn.Module) -> None:
         sublayer.add_module(self.attach_name, self)
-        object.__setattr__(self, "_hook", sublayer.register_forward_hook(self._after_sublayer))
+        # first among the module's hooks, so that others (transformers records hidden states with hooks) see our output
+        hook = self.hooked_module(sublayer).register_forward_hook(self._rewrite_if_enabled, prepend=True)
+        object.__setattr__(self, "_hook", hook)
 
     def detach(self, sublayer: nn.Module) -> None:
         if self._hook is not None:
@@ -323,9 +330,11 @@ class InsertedAdapter(nn.Module):
             object.__setattr__(self, "_hook", None)
         delattr(sublayer, self.attach_name)
 
-    def _after_sublayer(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if not self.enabled:
-            return output
+    def _rewrite_if_enabled(self, module: nn.Module, args: Any, output: Any) -> Any:
+        return self.rewrite_output(module, args, output) if self.enabled else output
+
+    def rewrite_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """The hooked module's new output: this adapter applied to the output (the first element of a tuple)."""
         if isinstance(output, tuple):
             return (self(output[0]), *output[1:])
         return self(output)

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..config import BottleneckConfig, ConfigError
 from .base import LINEAR_TYPES, Conv1D, InsertedAdapter
@@ -73,7 +72,6 @@ class BottleneckAdapter(InsertedAdapter):
         nn.init.zeros_(self.adapter_up.bias)
         self.hook_at = hook_at
         self.renormalize = renormalize
-        self._handle: RemovableHandle | None = None
 
     def bottleneck(self, h: Tensor) -> Tensor:
         """``up(act(down(h)))``, computed in the adapter's dtype and returned in ``h``'s."""
@@ -83,29 +81,13 @@ class BottleneckAdapter(InsertedAdapter):
     def forward(self, h: Tensor) -> Tensor:
         return h + self.bottleneck(h)
 
-    def attach(self, sublayer: nn.Module) -> None:
-        sublayer.add_module(self.attach_name, self)
-        hooked = sublayer.get_submodule(self.hook_at)
-        # first among the module's hooks, so that others (transformers records hidden states with hooks) see our output
-        hook = self._renormalized if self.renormalize else self._added
-        self._handle = hooked.register_forward_hook(hook, prepend=True)
+    def hooked_module(self, sublayer: nn.Module) -> nn.Module:
+        return sublayer.get_submodule(self.hook_at)
 
-    def detach(self, sublayer: nn.Module) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        delattr(sublayer, self.attach_name)
-
-    def _added(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if not self.enabled:
-            return output
-        if isinstance(output, tuple):
-            return (self(output[0]), *output[1:])
-        return self(output)
-
-    def _renormalized(self, norm: nn.LayerNorm, args: Any, output: Tensor) -> Tensor:
-        if not self.enabled:
-            return output
+    def rewrite_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if not self.renormalize:
+            return super().rewrite_output(module, args, output)
+        norm = module  # a LayerNorm: add the adapter to its input and normalize again (Pfeiffer, post-LN)
         return F.layer_norm(args[0] + self.bottleneck(output), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     def extra_repr(self) -> str:
