@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Union
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
 
 TargetSpec = Union[str, list[str], None]
 
+DEFAULT_ADAPTER = "default"  # the name of an adapter injected without one
 NONLINEARITIES = ("relu", "gelu", "silu", "swish", "tanh")
 ALL_LINEAR = "all-linear"
 
@@ -179,6 +181,7 @@ class AdapterConfig:
     layers_pattern: Union[str, list[str], None] = None
 
     METHODS: ClassVar[tuple[str, ...]] = ()
+    PEFT_TYPE: ClassVar[Optional[str]] = None  # PEFT's peft_type for configs that read and write PEFT's files
 
     def __post_init__(self) -> None:
         if self.method not in self.METHODS:
@@ -204,6 +207,21 @@ class AdapterConfig:
         """Our JSON form: every field, tagged by ``method``."""
         return dataclasses.asdict(self)
 
+    def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``adapter_config.json`` of an adapter built from this config: ``layers`` are the adapters by module
+        path (``surgery.adapters``), ``module_paths`` every module of the model, ``model_info`` holds
+        ``base_model_name_or_path`` and ``task_type``. Targets are written as the exact paths adapted, so the file
+        picks the same modules whatever pattern chose them. Configs with a ``PEFT_TYPE`` write PEFT's form."""
+        data = self.to_dict()
+        target_spec = exact_targets(list(layers), module_paths)[0]
+        data.update(target_modules=target_spec, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+        return data
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        """The config of a PEFT ``adapter_config.json`` whose ``peft_type`` is ``cls.PEFT_TYPE``."""
+        raise ConfigError(f"{cls.__name__} cannot read PEFT configs.")
+
     @staticmethod
     def create(method: str = "lora", **options: Any) -> "AdapterConfig":
         """Build the config class for ``method`` from keyword options, rejecting options that method does not take."""
@@ -226,7 +244,7 @@ class AdapterConfig:
                 f"{_got(data)}."
             )
         if "peft_type" in data:
-            return LoRAConfig.from_peft_dict(data)
+            return peft_config_class_for(data["peft_type"]).from_peft_dict(dict(data))
         if "method" not in data:
             raise ConfigError(
                 "Adapter config has neither 'method' (lightning_lora) nor 'peft_type' (PEFT): is this an adapter_config.json?"
@@ -240,6 +258,17 @@ class AdapterConfig:
         return cls(**data)
 
 
+CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {}  # method name -> config class; filled by ``register_config``
+
+
+def register_config(cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make ``cls`` the config of each method in ``cls.METHODS`` (method files register theirs)."""
+    for method in cls.METHODS:
+        CONFIG_CLASSES[method] = cls
+    return cls
+
+
+@register_config
 @dataclass
 class LoRAConfig(AdapterConfig):
     """LoRA (Hu et al. 2021, arXiv 2106.09685) and DoRA (Liu et al. 2024, arXiv 2402.09353).
@@ -261,6 +290,7 @@ class LoRAConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     METHODS: ClassVar[tuple[str, ...]] = ("lora", "dora")
+    PEFT_TYPE: ClassVar[Optional[str]] = "LORA"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -285,6 +315,18 @@ class LoRAConfig(AdapterConfig):
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` (see ``to_peft_dict``)."""
+        return self.to_peft_dict(
+            targets=list(layers),
+            ranks={p: a.adapters[DEFAULT_ADAPTER].r for p, a in layers.items()},
+            alphas={p: a.adapters[DEFAULT_ADAPTER].alpha for p, a in layers.items()},
+            fan_in_fan_out=any(a.kind.fan_in_fan_out for a in layers.values()),
+            base_model_name_or_path=model_info.get("base_model_name_or_path"),
+            task_type=model_info.get("task_type"),
+            module_paths=module_paths,
+        )
 
     def to_peft_dict(self, targets: list[str], ranks: dict[str, int], alphas: dict[str, float],
                      fan_in_fan_out: bool, base_model_name_or_path: str | None, task_type: str | None,
@@ -321,10 +363,6 @@ class LoRAConfig(AdapterConfig):
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoRAConfig":
-        if data["peft_type"] != "LORA":
-            raise ConfigError(
-                f"PEFT method {data['peft_type']!r} is not supported yet; supported: LORA (with or without use_dora)."
-            )
         # Options that add tensors or change the forward pass (PEFT's LoRA variants): loading such an adapter as plain
         # LoRA would give wrong outputs without an error.
         for unsupported in ("modules_to_save", "layer_replication", "trainable_token_indices", "lora_bias",
@@ -362,6 +400,7 @@ class LoRAConfig(AdapterConfig):
         )
 
 
+@register_config
 @dataclass
 class BottleneckConfig(AdapterConfig):
     """Bottleneck adapters: Houlsby et al. 2019 (arXiv 1902.00751) after attention and feed-forward sublayers,
@@ -412,13 +451,34 @@ def exact_targets(targets: list[str], module_paths: Iterable[str] = ()) -> tuple
     return spec, lambda path: f"^{re.escape(path)}" if path in ambiguous else path
 
 
-CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
-    method: cls for cls in (LoRAConfig, BottleneckConfig) for method in cls.METHODS
-}
+def _load_methods() -> None:
+    """Import every method module, so that each has registered its config class."""
+    importlib.import_module("lightning_lora.methods.registry")
+
+
+def method_option_names() -> list[str]:
+    """Every option of every method, in a stable order (``LoRACallback`` takes each as a keyword argument)."""
+    _load_methods()
+    names: dict[str, None] = {}
+    for cls in CONFIG_CLASSES.values():
+        names.update((n, None) for n in cls.option_names() if n != "method")
+    return list(names)
+
+
+def peft_config_class_for(peft_type: Any) -> type[AdapterConfig]:
+    """The config class that reads PEFT configs of ``peft_type``; others are an error listing the supported ones."""
+    _load_methods()
+    by_type = {cls.PEFT_TYPE: cls for cls in CONFIG_CLASSES.values() if cls.PEFT_TYPE}
+    if peft_type not in by_type:
+        raise ConfigError(
+            f"PEFT method {peft_type!r} is not supported; supported PEFT types: {', '.join(sorted(by_type))}."
+        )
+    return by_type[peft_type]
 
 
 def config_class_for(method: str) -> type[AdapterConfig]:
     """The config class that implements ``method``; an unknown method lists the known ones."""
+    _load_methods()
     if not isinstance(method, str):
         raise ConfigError(f"method must be a method name such as 'lora', {_got(method)}. Known methods: "
                           f"{', '.join(CONFIG_CLASSES)}.")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory, write_json
-from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig, exact_targets
+from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
 from .fingerprint import base_fingerprint, compare_fingerprints
 from .methods.base import DEFAULT_ADAPTER, AdaptedLayer, adapter_prefix
 from .surgery import Adapter, adapters, attach, injected_config, prepare
@@ -77,22 +77,10 @@ def adapter_config_dict(model: nn.Module) -> dict[str, Any]:
     config = injected_config(model)
     if config is None:
         raise AdapterFileError(f"{type(model).__name__} has no adapters to save; inject some first.")
-    found = adapters(model)
-    if isinstance(config, LoRAConfig):
-        hf_config = getattr(model, "config", None)
-        return config.to_peft_dict(
-            targets=list(found),
-            ranks={p: a.adapters[DEFAULT_ADAPTER].r for p, a in found.items()},
-            alphas={p: a.adapters[DEFAULT_ADAPTER].alpha for p, a in found.items()},
-            fan_in_fan_out=any(a.kind.fan_in_fan_out for a in found.values()),
-            base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
-            task_type=_task_type(model),
-            module_paths=(p for p, _ in model.named_modules()),
-        )
-    data = config.to_dict()
-    target_spec = exact_targets(list(found), (p for p, _ in model.named_modules()))[0]
-    data.update(target_modules=target_spec, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
-    return data
+    hf_config = getattr(model, "config", None)
+    model_info = {"base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None,
+                  "task_type": _task_type(model)}
+    return config.file_dict(adapters(model), [p for p, _ in model.named_modules()], model_info)
 
 
 def save_adapter(model: nn.Module, directory: PathLike) -> Path:

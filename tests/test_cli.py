@@ -218,3 +218,17 @@ def test_package_choice(monkeypatch) -> None:
     with pytest.raises(ImportError, match=r"LIGHTNING_LORA_PACKAGE='lightnin' names no installed Lightning package; "
                                           r"use one of: pytorch_lightning"):
         lightning_package()
+
+
+def test_every_method_option_is_a_callback_argument():
+    """The CLI (``--lora.<option>``, ``--trainer.callbacks.<option>``) can set only what LoRACallback's signature
+    names: each option of each registered method must be one of its keyword arguments, typed for ``--help``."""
+    import inspect
+
+    from lightning_lora.config import method_option_names
+
+    parameters = inspect.signature(ll.LoRACallback.__init__).parameters
+    missing = [n for n in method_option_names() if n not in parameters]
+    assert not missing, f"LoRACallback.__init__ lacks method options {missing}"
+    untyped = [n for n in method_option_names() if parameters[n].annotation is inspect.Parameter.empty]
+    assert not untyped

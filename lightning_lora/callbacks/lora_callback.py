@@ -33,7 +33,7 @@ from lightning_lora.callbacks._lightning import (
 )
 from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
 from lightning_lora.callbacks.exports import export_final, export_step, finish_final
-from lightning_lora.config import ALL_LINEAR, AdapterConfig, ConfigError
+from lightning_lora.config import ALL_LINEAR, AdapterConfig, ConfigError, method_option_names
 from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
 from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
@@ -118,13 +118,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         seed: Optional[int] = None,
         quantize: Union[str, dict[str, Any], None] = None,
     ) -> None:
-        options = dict(
-            r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, exclude_modules=exclude_modules,
-            layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern, use_rslora=use_rslora, init_weights=init_weights,
-            reduction_factor=reduction_factor, nonlinearity=nonlinearity,
-        )
-        self.config = AdapterConfig.create(method, **{k: v for k, v in options.items() if v is not None})
+        given = locals()
+        options = {name: given[name] for name in method_option_names() if given.get(name) is not None}
+        self.config = AdapterConfig.create(method, **options)
         mergeable = method_spec(method).mergeable
         if export_merged and not mergeable:
             raise ConfigError(

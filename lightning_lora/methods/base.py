@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import fingerprint
-from ..config import AdapterConfig
+from ..config import DEFAULT_ADAPTER, AdapterConfig
 
 try:  # transformers' GPT-2 style layer: weight stored as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the core does not need it
     Conv1D = type("Conv1D", (nn.Module,), {})
 
-DEFAULT_ADAPTER = "default"
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)  # what "all-linear" targets
 
 
