@@ -9,17 +9,16 @@ from .export import export_merged, merged_state_dict
 from .fingerprint import base_fingerprint, compare_fingerprints
 from .io import AdapterFileError, load_adapter, save_adapter
 from .methods.base import MergeError
-from .quantize import (
-    Int4Config,
-    Int8Config,
-    MergeReport,
-    NF4Config,
-    merge_quantized,
-    quantize_base,
-)
+from .quantize import Int4Config, Int8Config, NF4Config, quantize_base
+from .quantize_io import load_quantized
+from .quantize_merge import MergeReport, merge_quantized, merged_quantized_state_dict
 from .surgery import (
+    active_adapters,
+    adapter_names,
     adapter_state_dict,
     adapters,
+    delete_adapter,
+    set_active_adapters,
     disable_adapters,
     inject,
     merge,
@@ -45,16 +44,22 @@ __all__ = [
     "MergeReport",
     "NF4Config",
     "QuantizedPrecision",
+    "active_adapters",
+    "adapter_names",
     "adapter_state_dict",
     "adapters",
+    "delete_adapter",
+    "set_active_adapters",
     "base_fingerprint",
     "compare_fingerprints",
     "disable_adapters",
     "export_merged",
     "inject",
     "load_adapter",
+    "load_quantized",
     "merge",
     "merge_quantized",
+    "merged_quantized_state_dict",
     "merged_state_dict",
     "parameter_counts",
     "quantize_base",

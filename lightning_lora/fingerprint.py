@@ -6,8 +6,8 @@ names and shapes; values must be equal where the dtypes are, and within one unit
 dtype where a cast changed them (a plain hash cannot do that: about 6% of bfloat16 values change in a float16 round
 trip). Fingerprints of 16 hex digits (before this format) are still read and compared as before.
 
-This module imports nothing from the package at load time: ``AdaptedLayer`` calls ``remember_base`` and
-``note_written`` when it merges, because merging rounds, and a fingerprint must not change when a model is merged.
+Merging does not change a fingerprint: a merged layer keeps its exact base (``AdaptedLayer.exact_base``), which is
+what is sampled.
 """
 
 from __future__ import annotations
@@ -20,16 +20,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 SAMPLES = 16
 VERSION = 2
 MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 FLOAT16_SUBNORMAL = 2.0 ** -24  # float16 rounds everything below 2**-14 to a multiple of this
-
-# weight -> (sampled values of the base before the first merge, values just written by a merge or unmerge)
-_bases: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
 
 def sample(weight: Tensor, samples: int = SAMPLES) -> Tensor:
     """``samples`` evenly spaced values of ``weight``, in its dtype, on the CPU."""
@@ -42,28 +37,6 @@ def sample(weight: Tensor, samples: int = SAMPLES) -> Tensor:
 
 def _is_plain(weight: Tensor) -> bool:
     return type(weight.data) is torch.Tensor and not weight.is_meta  # not quantized tensor subclasses
-
-
-def remember_base(weight: Tensor) -> None:
-    """Called before an unmerged weight is first overwritten by a merge: keep its sample, unless one kept earlier is
-    still valid (the weight still holds what the last merge or unmerge wrote, which is the base up to rounding)."""
-    if _is_plain(weight) and remembered_base(weight) is None:
-        _bases[weight] = (sample(weight), None)
-
-
-def note_written(weight: Tensor) -> None:
-    """Called after a merge or unmerge wrote ``weight``."""
-    if weight in _bases:
-        _bases[weight] = (_bases[weight][0], sample(weight))
-
-
-def remembered_base(weight: Tensor) -> Optional[Tensor]:
-    """The sample of ``weight`` before it was first merged, if nothing but merges and unmerges wrote it since."""
-    kept = _bases.get(weight)
-    if kept is None or kept[1] is None or not _is_plain(weight):
-        return None
-    now = sample(weight)
-    return kept[0] if now.dtype == kept[1].dtype and torch.equal(now, kept[1]) else None
 
 
 def _sampled(tensor: Tensor) -> bool:
@@ -98,12 +71,11 @@ def base_fingerprint(model: nn.Module, samples: int = SAMPLES) -> str:
 
 
 def _base_sample(layer: nn.Module, samples: int) -> Tensor:
-    if not _is_plain(layer.weight):  # a quantized base (quantize.py): the full-precision weight's sample, kept then
+    if not _is_plain(layer.weight) or getattr(layer, "source_sample", None) is not None:
+        # a quantized base (quantize.py), or one PiSSA/OLoRA changed at injection: the original weight's sample
         return layer.source_sample
-    kept = remembered_base(layer.weight) if samples == SAMPLES else None
-    if kept is not None:
-        return kept
-    return sample(layer.unmerged_weight() if layer.merged else layer.weight, samples)
+    # while adapters are merged, the layer keeps the exact base (methods/base.py): merging does not change the sample
+    return sample(layer.weight if layer.exact_base is None else layer.exact_base, samples)
 
 
 def compare_fingerprints(saved: str, current: str) -> Optional[str]:

@@ -184,9 +184,11 @@ def test_disable_adapters_runs_the_base_then_restores(case: Case, merge_first: b
         if merge_first:
             merge(case.model)
         scale = tol(adapted, base_out, layer.weight)
-        with disable_adapters(case.model):
-            assert not layer.merged and not layer.enabled
+        weight = layer.weight.detach().clone()
+        with disable_adapters(case.model):  # a merged weight stays merged: the layer runs its kept exact base
+            assert layer.merged == merge_first and not layer.enabled
             close(case.model(case.x), base_out, scale * 10)
+        assert torch.equal(layer.weight, weight)
         assert layer.merged == merge_first and layer.enabled
         close(case.model(case.x), adapted, scale * 10)
     if not merge_first:

@@ -9,15 +9,16 @@ Inserted-module methods attach beside a sublayer and cannot merge.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import fingerprint
-from ..config import DEFAULT_ADAPTER, AdapterConfig
+from ..config import DEFAULT_ADAPTER, AdapterConfig, ConfigError
 
 try:  # transformers' GPT-2 style layer: weight stored as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
@@ -101,7 +102,13 @@ class WeightUpdate(nn.Module):
     """The interface of a weight-update method: ``forward(layer, x, out)`` returns ``out`` (the base output, possibly
     with other updates added) plus this update, without building the full delta where it need not; ``delta_weight``
     is the same update as a change of the weight, in ``linear_weight`` layout (the layer's weight layout for convolutions
-    and embeddings). ``merged`` is set by ``AdaptedLayer``."""
+    and embeddings). ``merged`` is set by ``AdaptedLayer``.
+
+    Multiplicative updates (OFT, BOFT, HRA: ``W R``) act on the input side: with ``transforms_input`` set, the layer
+    runs the base op on ``transform_input(layer, x)`` (the input rotated, never a rotated copy of the weight) and
+    ``forward`` then only adds what acts on the output side (BOFT's scale), or returns ``out`` as it is."""
+
+    transforms_input: bool = False  # a class attribute: the layer calls transform_input only for such updates
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
@@ -109,6 +116,10 @@ class WeightUpdate(nn.Module):
         self.merged = False
 
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def transform_input(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
+        """The input the base op sees while this update is unmerged (only called when ``transforms_input``)."""
         raise NotImplementedError
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
@@ -121,9 +132,48 @@ class WeightUpdate(nn.Module):
     def after_unmerge(self, layer: AdaptedLayer) -> None:
         """Drop what ``before_merge`` kept."""
 
+    def shared_tensors(self) -> dict[str, Tensor]:
+        """Tensors every layer of this adapter shares (the same objects), by name: an adapter file stores them once, as
+        ``base_model.<name>`` (where PEFT keeps a tuner's shared state). None by default."""
+        return {}
+
     def after_base_replaced(self, layer: AdaptedLayer) -> None:
         """The layer's base weight was replaced by an approximation of itself (``quantize_base``): re-derive what an
         untrained update took from the old one. A trained or loaded update is left as it is."""
+
+    def on_attach(self, layer: AdaptedLayer) -> None:
+        """The layer was just put into the model (``surgery.attach``): an update that moves part of the base into
+        itself (PiSSA/OLoRA) changes the base weight here, never while the model is only being prepared."""
+
+    def before_unwrap(self, layer: AdaptedLayer) -> None:
+        """The layer is about to give the original module back (``unload``): undo what ``on_attach`` did."""
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        """This update's tensors as an adapter file holds them, named relative to the update: its parameters and
+        persistent buffers. A method whose state is not the file's form (PiSSA's init offset, AdaLoRA's pruned ranks
+        and importance statistics) converts here; an update built from the file's own config must give back its own
+        tensors, which ``load_adapter`` copies into."""
+        return self.state_dict(keep_vars=True)
+
+
+# weights up to this size keep their exact base copy on their own device while merged; larger ones on the CPU
+EXACT_BASE_ON_DEVICE_BYTES = 16 * 2**20
+
+
+def keep_exact(weight: Tensor) -> Tensor:
+    """A copy of ``weight`` bit for bit, on the CPU when it is large and on an accelerator (pinned when CUDA's)."""
+    weight = weight.detach()
+    if weight.device.type == "cpu" or weight.numel() * weight.element_size() <= EXACT_BASE_ON_DEVICE_BYTES:
+        return weight.clone()
+    copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=weight.device.type == "cuda")
+    return copy.copy_(weight)
+
+
+class _WithWeight:
+    """A layer as the base ops read it (``weight``, ``bias``, ``original_module``), with another weight."""
+
+    def __init__(self, layer: AdaptedLayer, weight: Tensor) -> None:
+        self.weight, self.bias, self.original_module = weight, layer.bias, layer.original_module
 
 
 class AdaptedLayer(nn.Module):
@@ -147,25 +197,51 @@ class AdaptedLayer(nn.Module):
         self.flatten = kind.flatten
         self.kind = kind
         self.adapters = nn.ModuleDict({name: update})
+        # the unmerged updates forward applies, in this order; None: all of them (``surgery.set_active_adapters``)
+        self.active_adapters: Optional[tuple[str, ...]] = None
         self.enabled = True
+        # the base weight bit for bit while adapters are merged into ``weight`` (see ``keep_exact``); None otherwise
+        self.exact_base: Optional[Tensor] = None
+        # set by ``lightning_lora.mixed``: applies each example's own adapter instead of ``active_adapters``
+        self.batch_route: Optional[Callable[[AdaptedLayer, Tensor, Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, self.enabled)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        """The base layer's output with the current weight, without unmerged updates."""
+        """The base layer's output without any update: with the exact base weight when adapters are merged."""
         return self._run(x, False)
 
     def _run(self, x: Tensor, adapted: bool) -> Tensor:
         shape = x.shape
         if self.flatten:
             x = x.reshape(-1, shape[-1])
-        out = self.base_op(self, x)
+        if adapted or self.exact_base is None:
+            out = self.base_op(self, self._base_input(x) if adapted else x)
+        else:  # the base alone over a merged weight: run the kept base instead of unmerging and merging again
+            out = self.base_op(_WithWeight(self, self.exact_base.to(self.weight.device, non_blocking=True)), x)
         if adapted:
-            for update in self.adapters.values():
-                if not update.merged:
-                    out = update(self, x, out)
+            if self.batch_route is not None:
+                out = self.batch_route(self, x, out)
+            else:
+                for name in self.active_names():
+                    update = self.adapters[name] if name in self.adapters else None
+                    if update is not None and not update.merged:
+                        out = update(self, x, out)
         return out.view(*shape[:-1], out.shape[-1]) if self.flatten else out
+
+    def active_names(self) -> Iterable[str]:
+        """The names ``forward`` applies, in order (some may be adapters of other layers only)."""
+        return self.adapters if self.active_adapters is None else self.active_adapters
+
+    def _base_input(self, x: Tensor) -> Tensor:
+        """``x`` through the input transforms of the active unmerged updates (multiplicative methods); else ``x``."""
+        if self.batch_route is None:
+            for name in self.active_names():
+                update = self.adapters[name] if name in self.adapters else None
+                if update is not None and update.transforms_input and not update.merged:
+                    x = update.transform_input(self, x)
+        return x
 
     @property
     def config(self) -> AdapterConfig:
@@ -182,26 +258,33 @@ class AdaptedLayer(nn.Module):
         return linear_weight(dense(self.weight), self.kind)
 
     # -- merge algebra, written once for every weight-update method ------------------------------------------------
+    # The weight is always a function of the kept exact base and the set of merged adapters: base + their deltas,
+    # summed in float32 and rounded once. Unmerging writes the kept base back, so any sequence of merges, unmerges
+    # and switches leaves the base bit for bit (subtracting a delta again would round: issue 12).
     def delta_weight(self, name: str = DEFAULT_ADAPTER) -> Tensor:
-        """Adapter ``name``'s update in the layout of ``weight``."""
-        return linear_weight(self.adapters[name].delta_weight(self), self.kind)
+        """Adapter ``name``'s update in the layout of ``weight``, relative to the base (also while merged)."""
+        with self._at_base():
+            return linear_weight(self.adapters[name].delta_weight(self), self.kind)
+
+    def base_weight(self) -> Tensor:
+        """The base weight, exact: the kept copy while adapters are merged (on the weight's device)."""
+        weight = self.weight.detach() if self.exact_base is None else self.exact_base.to(self.weight.device)
+        return dense(weight)
 
     def merged_weight(self) -> Tensor:
-        """The weight with every unmerged adapter folded in, computed out of place (the model is not changed)."""
-        pending = [n for n, u in self.adapters.items() if not u.merged]
+        """The weight the adapted forward computes with: the merged adapters and the unmerged active ones folded in,
+        computed out of place (the model is not changed)."""
+        pending = [n for n in self.active_names() if n in self.adapters and not self.adapters[n].merged]
         if not pending:
             return self.weight.detach()
+        done = [n for n, u in self.adapters.items() if u.merged]
         with torch.no_grad():
-            total = dense(self.weight).float() + sum(self.delta_weight(n).float() for n in pending)
+            total = self.base_weight().float() + sum(self.delta_weight(n).float() for n in done + pending)
         return total.to(self.weight.dtype)
 
     def unmerged_weight(self) -> Tensor:
-        """The weight with every merged adapter taken out again, computed out of place (equal to the base up to
-        rounding)."""
-        done = [n for n, u in self.adapters.items() if u.merged]
-        with torch.no_grad():
-            total = self.weight.float() - sum(self.delta_weight(n).float() for n in done) if done else self.weight
-        return total.to(self.weight.dtype)
+        """The weight with every merged adapter taken out again: the base, bit for bit."""
+        return self.base_weight()
 
     def check_mergeable(self) -> None:
         if not torch.isfinite(self.merged_weight()).all():
@@ -210,45 +293,80 @@ class AdaptedLayer(nn.Module):
     def merge(self, names: Optional[Iterable[str]] = None) -> None:
         """Fold adapters ``names`` (default: all) into the weight; merged ones are skipped."""
         names = list(self.adapters) if names is None else list(names)
-        if type(self.weight) in DEQUANTIZERS and any(not self.adapters[n].merged for n in names):
+        if all(self.adapters[n].merged for n in names):
+            return
+        if type(self.weight) in DEQUANTIZERS:
             raise MergeError("the base weight is quantized, so a merge in place would round the update away; use "
                              "lightning_lora.quantize.merge_quantized(model, target=...) to choose what to merge into")
-        for name in names:
-            update = self.adapters[name]
-            if update.merged:
-                continue
-            if not self.merged:
-                fingerprint.remember_base(self.weight)  # the exact base, for base fingerprints (merging rounds)
-            with torch.no_grad():
-                new_weight = (self.weight.float() + self.delta_weight(name).float()).to(self.weight.dtype)
-                update.before_merge(self)
-                self.weight.copy_(new_weight)
-            update.merged = True
-            fingerprint.note_written(self.weight)
+        self.set_merged([n for n, u in self.adapters.items() if u.merged or n in names])
 
     def unmerge(self, names: Optional[Iterable[str]] = None) -> None:
-        """Take adapters ``names`` (default: all merged ones) out of the weight again."""
-        for name in reversed(list(self.adapters)) if names is None else names:
-            update = self.adapters[name]
-            if not update.merged:
-                continue
-            with torch.no_grad():
-                delta = self.delta_weight(name).float()
-                self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+        """Take adapters ``names`` (default: all merged ones) out of the weight again, exactly."""
+        names = list(self.adapters) if names is None else list(names)
+        if any(self.adapters[n].merged for n in names):
+            self.set_merged([n for n, u in self.adapters.items() if u.merged and n not in names])
+
+    def set_merged(self, names: list[str]) -> None:
+        """Make the weight hold the base plus exactly adapters ``names``: the base written back from the kept copy,
+        every delta computed against it, summed in float32 and rounded once."""
+        with torch.no_grad():
+            if self.exact_base is None:
+                if not names:
+                    return
+                self.exact_base = keep_exact(self.weight)
+            else:
+                self.weight.copy_(self.exact_base)
+                for update in self.adapters.values():
+                    if update.merged:
+                        update.merged = False
+                        update.after_unmerge(self)
+            if not names:
+                self.exact_base = None
+                return
+            deltas = [self.delta_weight(n).float() for n in names]
+            for name in names:
+                self.adapters[name].before_merge(self)
+            self.weight.copy_((self.weight.float() + sum(deltas)).to(self.weight.dtype))
+            for name in names:
+                self.adapters[name].merged = True
+
+    @contextlib.contextmanager
+    def _at_base(self) -> Iterator[None]:
+        """While adapters are merged: the weight holds the base and no update counts as merged inside the block (a
+        method's delta may read the base weight, as DoRA's norm does)."""
+        merged = [u for u in self.adapters.values() if u.merged]
+        if self.exact_base is None or not merged:
+            yield
+            return
+        current = self.weight.detach().clone()
+        with torch.no_grad():
+            self.weight.copy_(self.exact_base)
+        for update in merged:
             update.merged = False
-            update.after_unmerge(self)
-            fingerprint.note_written(self.weight)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.weight.copy_(current)
+            for update in merged:
+                update.merged = True
 
     # -- what belongs to the adapters ------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Adapter parameters and persistent buffers, named relative to the layer (``adapters.<name>.<tensor>``)."""
         return {f"adapters.{n}": t for n, t in self.adapters.state_dict(keep_vars=True).items()}
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """``adapter_tensors`` as an adapter file holds them (``WeightUpdate.file_tensors``)."""
+        return {f"adapters.{n}.{k}": t for n, u in self.adapters.items() for k, t in u.file_tensors().items()}
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return self.adapters.parameters()
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's current weight and bias."""
+        for update in self.adapters.values():
+            update.before_unwrap(self)
         base = self.original_module
         base.weight = self.weight
         if self.bias is not None:
@@ -298,19 +416,65 @@ class MethodSpec:
     is_supported: Callable[[nn.Module], bool]
     mergeable: bool
     default_targets: Optional[Callable[[nn.Module, AdapterConfig], list[str]]] = None
+    # replaces target resolution for methods that choose their own places from the model and their options (prompt
+    # and prefix tuning: the whole model, path ""; LLaMA-Adapter: the top adapter_layers attention modules)
+    find_targets: Optional[Callable[[nn.Module, AdapterConfig], list[str]]] = None
+    # Training-loop hooks (the callback calls them, knowing nothing of the method), given the adapters by path:
+    # ``regularization`` returns a loss term whose gradient is added at each optimizer step (after AMP unscaling), or
+    # None; ``after_step(adapters, step, planned_steps)`` runs after each optimizer step (``step`` counts from 0) while
+    # gradients still exist; ``planned_steps`` is the run's estimated number of optimizer steps (may be inf).
+    regularization: Optional[Callable[[dict[str, nn.Module]], Optional[Tensor]]] = None
+    after_step: Optional[Callable[[dict[str, nn.Module], int, float], None]] = None
+    # builds, once per adapter from all its target modules, what every layer of it shares (VeRA's random projections);
+    # ``build`` then gets it as the keyword argument ``shared``
+    shared: Optional[Callable[[list[nn.Module], AdapterConfig], nn.Module]] = None
+
+
+def keyword_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's positional arguments named after ``module.forward``'s parameters, merged with its keyword arguments:
+    what a forward pre-hook that rewrites a model's inputs (``input_ids``, ``attention_mask``, ...) reads and returns."""
+    if not args:
+        return dict(kwargs)
+    names = [n for n, p in inspect.signature(module.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def whole_model(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """``MethodSpec.find_targets`` of methods that change the model's inputs (prompt and prefix tuning): their one
+    adapter belongs to the model itself (path ""). Such a config takes no target options (``refuse_targets``)."""
+    return [""]
+
+
+def refuse_targets(config: AdapterConfig, why: str) -> None:
+    """A ``ConfigError`` naming the first target option ``config`` sets, for methods that choose their own places."""
+    for option in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"):
+        if getattr(config, option) is not None:
+            raise ConfigError(f"{config.method} takes no {option}: {why}. Leave it unset.")
 
 
 class InsertedAdapter(nn.Module):
     """An inserted-module adapter: attached as a child of one sublayer, it rewrites the output of that sublayer (or of
-    the module inside it that ``hooked_module`` names) through a forward hook. It never touches base weights and
-    cannot merge."""
+    the module inside it that ``hooked_module`` names) through a forward hook. It never touches base weights.
+
+    ``rewrites`` names the hooks ``attach`` registers on the hooked module, each first among that module's hooks:
+    ``"output"`` (a forward hook: ``rewrite_call``, by default ``rewrite_output``) and ``"inputs"`` (a forward pre-hook:
+    ``rewrite_inputs``, for methods that change a model's inputs, such as prompt and prefix tuning). ``file_tensors``
+    names the tensors as the adapter file does, when PEFT's names differ from the module's state names.
+    A ``mergeable`` one (BitFit) trains copies of base tensors: ``merge`` writes them into the base, ``unmerge`` puts the
+    originals back exactly, and ``merged_tensors`` gives the merged values out of place.
+    """
 
     attach_name = "adapter"
+    rewrites: tuple[str, ...] = ("output",)
+    mergeable = False
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         object.__setattr__(self, "config", config)
-        object.__setattr__(self, "_hook", None)
+        object.__setattr__(self, "_hooks", [])
         self.enabled = True
 
     def hooked_module(self, sublayer: nn.Module) -> nn.Module:
@@ -320,17 +484,34 @@ class InsertedAdapter(nn.Module):
     def attach(self, sublayer: nn.Module) -> None:
         sublayer.add_module(self.attach_name, self)
         # first among the module's hooks, so that others (transformers records hidden states with hooks) see our output
-        hook = self.hooked_module(sublayer).register_forward_hook(self._rewrite_if_enabled, prepend=True)
-        object.__setattr__(self, "_hook", hook)
+        hooked = self.hooked_module(sublayer)
+        hooks = []
+        if "inputs" in self.rewrites:
+            hooks.append(hooked.register_forward_pre_hook(self._inputs_if_enabled, prepend=True, with_kwargs=True))
+        if "output" in self.rewrites:
+            hooks.append(hooked.register_forward_hook(self._rewrite_if_enabled, prepend=True, with_kwargs=True))
+        object.__setattr__(self, "_hooks", hooks)
 
     def detach(self, sublayer: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            object.__setattr__(self, "_hook", None)
+        for hook in self._hooks:
+            hook.remove()
+        object.__setattr__(self, "_hooks", [])
         delattr(sublayer, self.attach_name)
 
-    def _rewrite_if_enabled(self, module: nn.Module, args: Any, output: Any) -> Any:
-        return self.rewrite_output(module, args, output) if self.enabled else output
+    def _inputs_if_enabled(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        return self.rewrite_inputs(module, args, kwargs) if self.enabled else None
+
+    def _rewrite_if_enabled(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        return self.rewrite_call(module, args, kwargs, output) if self.enabled else output
+
+    def rewrite_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple[tuple, dict]]:
+        """The hooked module's new ``(args, kwargs)``, or None to leave them (registered when ``rewrites`` says so)."""
+        return None
+
+    def rewrite_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """The hooked module's new output, for adapters that need the call's keyword arguments; ``rewrite_output``
+        otherwise."""
+        return self.rewrite_output(module, args, output)
 
     def rewrite_output(self, module: nn.Module, args: Any, output: Any) -> Any:
         """The hooked module's new output: this adapter applied to the output (the first element of a tuple)."""
@@ -341,5 +522,26 @@ class InsertedAdapter(nn.Module):
     def adapter_tensors(self) -> dict[str, Tensor]:
         return {f"{self.attach_name}.{n}": t for n, t in self.state_dict(keep_vars=True).items()}
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        """The tensors an adapter file holds, named relative to the sublayer (for an adapter of the whole model, path
+        "", as PEFT names them at the top of its file, e.g. ``prompt_embeddings``); loading copies into them."""
+        return self.adapter_tensors()
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
+
+    # -- only for ``mergeable`` adapters -------------------------------------------------------------------------------
+    def merged_tensors(self) -> dict[str, Tensor]:
+        """The base tensors this adapter replaces when merged, with their merged values, named relative to the
+        sublayer (``{"bias": ...}``); computed out of place."""
+        raise MergeError(f"{type(self).__name__} cannot be merged")
+
+    def check_mergeable(self) -> None:
+        if not all(torch.isfinite(t).all() for t in self.merged_tensors().values()):
+            raise MergeError("merging would put inf/NaN into the base; the adapter weights have diverged")
+
+    def merge(self) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge(self) -> None:
+        """Undo ``merge`` (a no-op when not merged)."""
