@@ -127,7 +127,8 @@ def check_resume_matches_uninterrupted_run(tmp_path: Path, **callback_options: A
     trainer(tmp_path / "b", [ll.LoRACallback(**callback_options), checkpoint], max_epochs=1).fit(first, TokensDataModule())
     resumed = TinyLlamaModule()
     torch.manual_seed(1234)  # resuming must not depend on the RNG state at the time of resume
-    trainer(tmp_path / "b", [ll.LoRACallback(**callback_options)], max_epochs=2).fit(
+    trainer(tmp_path / "b", [ll.LoRACallback(**callback_options), ModelCheckpoint(dirpath=tmp_path / "b")],
+            max_epochs=2).fit(
         resumed, TokensDataModule(), ckpt_path=checkpoint.last_model_path)
     expected, actual = ll.adapter_state_dict(straight.model), ll.adapter_state_dict(resumed.model)
     assert expected.keys() == actual.keys() and expected
