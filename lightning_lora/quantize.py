@@ -29,8 +29,8 @@ from torch import Tensor, nn
 from . import fingerprint
 from .config import ConfigError
 from .methods import base
-from .methods.base import AdaptedLayer, MergeError
-from .surgery import _set_submodule, adapters, unload, weight_adapters
+from .methods.base import AdaptedLayer
+from .surgery import adapters
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,29 @@ log = logging.getLogger(__name__)
 # -- formats ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NF4Config:
-    """4-bit NormalFloat with double quantization (QLoRA's format, torchao ``NF4Tensor``).
+    """4-bit NormalFloat (QLoRA's format, torchao ``NF4Tensor``): each ``block_size`` weights share one absmax scale.
 
-    Each ``block_size`` weights share one scale; the scales are themselves quantized to 8 bits in blocks of
-    ``scaler_block_size``. A layer's weight count must be a multiple of ``block_size * scaler_block_size``.
+    ``double_quantization`` (QLoRA's second step): the scales are themselves quantized to 8 bits in blocks of
+    ``scaler_block_size`` (about 0.13 bits a weight for scales instead of 0.25 with bf16 scales); a layer's weight count
+    must then be a multiple of ``block_size * scaler_block_size``. Off, the scales stay in the weight's dtype and only
+    ``block_size`` must divide the weight count (``scaler_block_size`` is unused).
     """
 
     block_size: int = 64
     scaler_block_size: int = 256
+    double_quantization: bool = True
     format = "nf4"
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "scaler_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"NF4Config({name}={value!r}): give a positive integer, e.g. {name}=64.")
+        if self.block_size % 2:
+            raise ConfigError(f"NF4Config(block_size={self.block_size}): NF4 packs two weights a byte, so block_size "
+                              "must be even, e.g. 64.")
+        if not isinstance(self.double_quantization, bool):
+            raise ConfigError(f"NF4Config(double_quantization={self.double_quantization!r}): give true or false.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +74,11 @@ class Int8Config:
 class Int4Config:
     """int4 weight-only, asymmetric, one scale and zero point per ``group_size`` weights of a row.
 
-    ``packing``: ``intx`` is torchao's ``IntxUnpackedToInt8Tensor`` with int4 values: it runs anywhere (pure tensor
-    ops, the CPU included) but stores each 4-bit value in a byte. ``tile_packed`` is torchao's CUDA layout
-    (``Int4TilePackedTo4dTensor``, bfloat16, 2 weights a byte), whose only unpacking is a matmul with the identity (see
-    ``_dequantize_int4_tile_packed``): half the memory, much slower steps; not yet run on a GPU by our tests.
-    ``auto`` is ``intx``.
+    ``packing``: ``packed`` (the default, ``auto``) is ours (``int4.PackedInt4Tensor``): two 4-bit codes a byte,
+    dequantized by pure tensor ops that ``torch.compile`` fuses, the same on the CPU and CUDA. ``intx`` is torchao's
+    ``IntxUnpackedToInt8Tensor`` with int4 values (runs anywhere, but a byte per 4-bit value). ``tile_packed`` is
+    torchao's CUDA tinygemm layout (``Int4TilePackedTo4dTensor``, bfloat16, 2 weights a byte), whose only unpacking is
+    a matmul with the identity (see ``_dequantize_int4_tile_packed``): for memory only, far slower steps.
     """
 
     group_size: int = 128
@@ -72,13 +86,15 @@ class Int4Config:
     format = "int4"
 
     def __post_init__(self) -> None:
-        if self.packing not in ("auto", "tile_packed", "intx"):
-            raise ConfigError(f"Int4Config(packing={self.packing!r}): use 'auto', 'tile_packed' or 'intx'.")
+        if self.packing not in ("auto", "packed", "tile_packed", "intx"):
+            raise ConfigError(f"Int4Config(packing={self.packing!r}): use 'auto' (= 'packed'), 'intx' or 'tile_packed'.")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0 \
+                or self.group_size % 2:
+            raise ConfigError(f"Int4Config(group_size={self.group_size!r}): give a positive even integer, e.g. 128.")
 
 
 QuantizeConfig = Union[NF4Config, Int8Config, Int4Config]
 FORMATS: dict[str, type] = {"nf4": NF4Config, "int8": Int8Config, "int4": Int4Config}
-MERGE_TARGETS = ("dequantized", "requantized", "original")
 
 
 def as_quantize_config(value: Union[str, dict, QuantizeConfig, None]) -> Optional[QuantizeConfig]:
@@ -109,13 +125,24 @@ class FormatHandler:
 def _nf4_quantize(weight: Tensor, config: NF4Config) -> Tensor:
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
 
-    return to_nf4(weight.contiguous(), config.block_size, config.scaler_block_size)
+    if config.double_quantization:
+        return to_nf4(weight.contiguous(), config.block_size, config.scaler_block_size)
+    # torchao always double-quantizes; its scale decoding (codes / factor + mean) is exact with the plain absmax
+    # scales as the "codes", a factor of 1 and a mean of 0, so that is how single quantization is stored.
+    n_blocks = weight.numel() // config.block_size
+    nf4 = to_nf4(weight.contiguous(), config.block_size, n_blocks)  # one scaler block: the cheapest valid shape
+    nf4.quantized_scalers = weight.detach().reshape(n_blocks, config.block_size).abs().amax(dim=1)
+    nf4.quantization_factor = torch.ones_like(nf4.quantization_factor)
+    nf4.scaler_mean = torch.zeros_like(nf4.scaler_mean)
+    return nf4
 
 
 def _nf4_check(shape: tuple[int, ...], config: NF4Config) -> Optional[str]:
     numel = math.prod(shape)
     if numel % config.block_size:
         return f"{numel} weights are not a multiple of block_size={config.block_size}"
+    if not config.double_quantization:
+        return None
     scalers = numel // config.block_size
     if scalers % config.scaler_block_size:
         fits = math.gcd(scalers, config.scaler_block_size)
@@ -148,6 +175,10 @@ def _int4_quantize(weight: Tensor, config: Int4Config) -> Tensor:
         PerGroup,
     )
 
+    if config.packing in ("auto", "packed"):
+        from .int4 import quantize_int4
+
+        return quantize_int4(weight, config.group_size)
     if config.packing == "tile_packed":
         if not weight.is_cuda:
             raise ConfigError("Int4Config(packing='tile_packed') needs CUDA weights (torchao's tinygemm layout); use "
@@ -189,7 +220,10 @@ def _dequantizers() -> dict[type, Callable[[Tensor], Tensor]]:
     )
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
+    from .int4 import PackedInt4Tensor
+
     return {
+        PackedInt4Tensor: lambda w: w.dequantize(),
         NF4Tensor: lambda w: w.get_original_weight(),
         Int8Tensor: lambda w: w.dequantize(),
         IntxUnpackedToInt8Tensor: lambda w: w.dequantize(),
@@ -233,6 +267,46 @@ def quantized_linear(layer: AdaptedLayer, x: Tensor) -> Tensor:
     """The base op of an ``AdaptedLayer`` whose ``nn.Linear`` weight is quantized."""
     out = QuantizedLinear.apply(x, layer.weight)
     return out if layer.bias is None else out + layer.bias.to(out.dtype)
+
+
+class FrozenQuantizedLinear(nn.Module):
+    """A frozen ``nn.Linear`` whose weight is quantized and that has no adapter: ``x @ dequant(W).T + b`` through
+    ``QuantizedLinear``. Used for the layers QLoRA quantizes without adapting them (``quantize_base(...,
+    modules="all-linear")``) and by ``load_quantized``; its state dict keys are ``nn.Linear``'s, and ``unwrap`` gives
+    the ``nn.Linear`` back."""
+
+    def __init__(self, linear: nn.Linear, weight: Tensor) -> None:
+        super().__init__()
+        object.__setattr__(self, "original_module", linear)  # kept out of the module tree, as AdaptedLayer does
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        linear.weight = self.weight  # the nn.Linear must not keep the dense weight alive
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = QuantizedLinear.apply(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def unwrap(self, weight: Optional[Tensor] = None) -> nn.Linear:
+        """The ``nn.Linear`` back, holding ``weight`` (default: this layer's, dequantized)."""
+        linear = self.original_module
+        linear.weight = nn.Parameter(dequantize(self.weight) if weight is None else weight, requires_grad=False)
+        return linear
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        # As AdaptedLayer._apply: replace the quantized Parameter instead of swapping it in place (compile holds weak
+        # references to it); a dtype cast dequantizes, and the layer is a plain nn.Linear again.
+        weight = self._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
+        with torch.no_grad():
+            self.weight = self.original_module.weight = nn.Parameter(fn(weight), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={type(self.weight).__name__}"
 
 
 # -- converting a model ----------------------------------------------------------------------------------------------
@@ -312,146 +386,13 @@ def quantized_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
     return {p: a for p, a in adapters(model).items() if isinstance(a, AdaptedLayer) and is_quantized(a.weight)}
 
 
-# -- merging ---------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class MergeReport:
-    """What a merge from a quantized base cost, measured.
-
-    ``weight_max_error``/``weight_rel_error``: merged weights against the exact result of the target (max absolute
-    error, and Frobenius norm of the error over that of the exact weights, over all merged layers);
-    ``update_rel_error``: how much of the adapters' update the merged weights lost (error norm over update norm: 0 is
-    all kept, 1 is as much lost as the update itself); ``logits_max_diff``: the largest change of the model's output on
-    the probe batch between before and after the merge (None without a probe).
-    """
-
-    target: str
-    layers: int
-    weight_max_error: float
-    weight_rel_error: float
-    update_rel_error: float
-    worst_layer: str
-    logits_max_diff: Optional[float] = None
-    logits_rel_diff: Optional[float] = None
-
-    def __str__(self) -> str:
-        lines = [f"lightning_lora: merged {self.layers} quantized layers, target {self.target!r}:",
-                 f"  weights vs exact: max abs error {self.weight_max_error:.3g}, relative {self.weight_rel_error:.3g}",
-                 f"  adapter update lost: {100 * self.update_rel_error:.1f}%"
-                 + (f" (worst layer {self.worst_layer})" if self.update_rel_error > 0 else "")]
-        if self.logits_max_diff is not None:
-            lines.append(f"  probe output change: max abs {self.logits_max_diff:.3g}, relative {self.logits_rel_diff:.3g}")
-        if self.target == "requantized" and self.update_rel_error > 0.5:
-            lines.append("  most of the adapter's update was rounded away by requantizing; merge to 'dequantized' or "
-                         "'original' to keep it")
-        return "\n".join(lines)
+_MERGE_NAMES = ("MERGE_TARGETS", "MergeReport", "merge_quantized", "merged_quantized_state_dict")
 
 
-def _output(model: nn.Module, probe: Any) -> Tensor:
-    out = model(**probe) if isinstance(probe, Mapping) else model(probe)
-    out = getattr(out, "logits", out)
-    return (out[0] if isinstance(out, (tuple, list)) else out).detach().float()
+def __getattr__(name: str) -> Any:
+    # The merge targets live in quantize_merge.py (which imports this module); their old home still answers.
+    if name in _MERGE_NAMES:
+        from . import quantize_merge
 
-
-def _original_weights(original: Union[Mapping[str, Tensor], nn.Module], layers: dict[str, AdaptedLayer]) -> dict[str, Tensor]:
-    state = original.state_dict() if isinstance(original, nn.Module) else original
-    found, problems = {}, []
-    for path, layer in layers.items():
-        key = f"{path}.weight"
-        weight = state.get(key)
-        if weight is None:
-            problems.append(f"{key} is missing")
-        elif tuple(weight.shape) != tuple(layer.weight.shape):
-            problems.append(f"{key} is {tuple(weight.shape)}, the model's is {tuple(layer.weight.shape)}")
-        else:
-            found[path] = weight
-    if problems:
-        raise MergeError("merge_quantized(target='original') needs the full-precision weight of every quantized layer, "
-                         "keyed by its name in the model's state dict (e.g. the base model's state_dict()): "
-                         + "; ".join(problems[:4]) + ". The model is unchanged.")
-    return found
-
-
-def _merged_weights(layers: dict[str, AdaptedLayer], target: str, originals: dict[str, Tensor],
-                    dtype: Optional[torch.dtype]) -> tuple[dict[str, Tensor], MergeReport]:
-    """Each quantized layer's merged weight for ``target`` and what the merge cost (without the probe's part),
-    computed out of place: the model is unchanged."""
-    new_weights: dict[str, Tensor] = {}
-    err_sq = ref_sq = lost_sq = update_sq = 0.0
-    max_err, worst, worst_lost = 0.0, "", -1.0
-    for path, layer in layers.items():
-        update = sum(layer.delta_weight(n).float() for n in layer.adapters)
-        start = originals[path].to(update.device).float() if target == "original" else dequantize(layer.weight).float()
-        exact = start + update
-        if target == "requantized":
-            new = HANDLERS[type(layer.quantization)].quantize(exact.to(layer.weight.dtype), layer.quantization)
-            result = dequantize(new).float()
-        else:
-            new = exact.to(dtype or (originals[path].dtype if target == "original" else layer.weight.dtype))
-            result = new.float()
-        err = result - exact
-        lost = torch.linalg.vector_norm(result - start - update).item() ** 2
-        layer_update = torch.linalg.vector_norm(update).item() ** 2
-        err_sq += torch.linalg.vector_norm(err).item() ** 2
-        ref_sq += torch.linalg.vector_norm(exact).item() ** 2
-        lost_sq, update_sq = lost_sq + lost, update_sq + layer_update
-        max_err = max(max_err, err.abs().max().item())
-        if lost / max(layer_update, 1e-30) > worst_lost:
-            worst, worst_lost = path, lost / max(layer_update, 1e-30)
-        new_weights[path] = new
-    return new_weights, MergeReport(target, len(layers), max_err, math.sqrt(err_sq / max(ref_sq, 1e-30)),
-                                    math.sqrt(lost_sq / max(update_sq, 1e-30)), worst)
-
-
-@torch.no_grad()
-def dequantized_merge(model: nn.Module) -> tuple[dict[str, Tensor], Optional[MergeReport]]:
-    """The ``dequantized`` merge target of every quantized adapted layer, by path, and its ``MergeReport``, without
-    changing the model (for ``export_merged``); ``({}, None)`` when no base weight is quantized."""
-    layers = quantized_layers(model)
-    return _merged_weights(layers, "dequantized", {}, None) if layers else ({}, None)
-
-
-@torch.no_grad()
-def merge_quantized(model: nn.Module, target: str = "dequantized", original: Union[Mapping[str, Tensor], nn.Module, None] = None,
-                    dtype: Optional[torch.dtype] = None, probe: Any = None,
-                    report: Optional[Callable[[str], None]] = print) -> MergeReport:
-    """Fold the adapters of a model with a quantized base into its weights and remove them (like ``unload(merge=True)``);
-    returns the measured ``MergeReport`` and passes its text to ``report`` (default ``print``; None is silent).
-
-    ``target``:
-      - ``dequantized``: dequant(Wq) + dW in ``dtype`` (default: the base's dtype): what the trained model computed.
-      - ``requantized``: the same, quantized again in the base's format: small, but 4 bits round most of a LoRA update
-        away (the report says how much).
-      - ``original``: dW added to the full-precision weights in ``original`` (a state dict or module with the model's
-        key names), in ``dtype`` (default: theirs): the update as trained, on the base it was quantized from.
-
-    ``probe``: a batch (a tensor, or a dict of keyword arguments) to run before and after, for the output change. The
-    model is unchanged on error. Layers without a quantized base are merged as ``unload(merge=True)`` does.
-    """
-    if target not in MERGE_TARGETS:
-        raise MergeError(f"merge_quantized(target={target!r}): use one of {MERGE_TARGETS}.")
-    if target == "original" and original is None:
-        raise MergeError("merge_quantized(target='original') needs original=<the full-precision base model or its "
-                         "state dict>.")
-    weight_adapters(model, "merge")  # inserted adapters and tied weights cannot merge
-    layers = quantized_layers(model)
-    if not layers:
-        raise MergeError("The model has no quantized adapted layer; use lightning_lora.merge or unload(merge=True).")
-    originals = _original_weights(original, layers) if target == "original" else {}
-    before = _output(model, probe) if probe is not None else None
-
-    new_weights, result = _merged_weights(layers, target, originals, dtype)
-    others = [a for p, a in adapters(model).items() if p not in layers and isinstance(a, AdaptedLayer)]
-    for layer in others:
-        layer.check_mergeable()
-    for path, layer in layers.items():
-        layer.weight = nn.Parameter(new_weights[path], requires_grad=False)
-        _set_submodule(model, path, layer.unwrap())  # its update is in the weight now: the adapters go
-    unload(model, merge=True)  # adapted layers that were not quantized merge as usual
-
-    if before is not None:
-        after = _output(model, probe)
-        result.logits_max_diff = (after - before).abs().max().item()
-        result.logits_rel_diff = (torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before).clamp_min(1e-30)).item()
-    if report is not None:
-        report(str(result))
-    return result
+        return getattr(quantize_merge, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

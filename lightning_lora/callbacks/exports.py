@@ -28,7 +28,7 @@ from lightning_lora.atomic import ExportError, check_export_target, export_direc
 from lightning_lora.atomic import _exchange  # renameat2(RENAME_EXCHANGE) where the kernel has it
 from lightning_lora.export import export_merged
 from lightning_lora.io import save_adapter
-from lightning_lora.quantize import MergeReport
+from lightning_lora.quantize_merge import MergeReport
 
 JOURNAL = ".lightning_lora-final"
 STEP_KIND = "checkpoint export"
@@ -36,20 +36,25 @@ _LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-[0-9a-f]+$")
 
 
 def _write(model: nn.Module, directory: Path, merged: bool, tokenizer: Any,
-           report: Optional[Callable[[MergeReport], None]] = None) -> tuple[Path, Optional[Path]]:
-    adapter_dir = save_adapter(model, directory / "adapter")
-    merged_dir = export_merged(model, directory / "merged", tokenizer, report) if merged else None
+           report: Optional[Callable[[MergeReport], None]] = None, fingerprint: Optional[str] = None,
+           merge_options: Optional[dict[str, Any]] = None) -> tuple[Path, Optional[Path]]:
+    adapter_dir = save_adapter(model, directory / "adapter", fingerprint)
+    merged_dir = (export_merged(model, directory / "merged", tokenizer, report, **(merge_options or {}))
+                  if merged else None)
     return adapter_dir, merged_dir
 
 
-def export_step(model: nn.Module, directory: Path, merged: bool, tokenizer: Any = None) -> None:
-    """Write ``directory/adapter`` (and ``directory/merged``) as one atomic directory."""
+def export_step(model: nn.Module, directory: Path, merged: bool, tokenizer: Any = None,
+                fingerprint: Optional[str] = None, merge_options: Optional[dict[str, Any]] = None) -> None:
+    """Write ``directory/adapter`` (and ``directory/merged``) as one atomic directory; ``merge_options`` go to
+    ``export_merged`` (``merge_target``, ``original``)."""
     with export_directory(directory, STEP_KIND) as staging:
-        _write(model, staging, merged, tokenizer)
+        _write(model, staging, merged, tokenizer, fingerprint=fingerprint, merge_options=merge_options)
 
 
 def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = None,
-                 report: Optional[Callable[[MergeReport], None]] = None) -> tuple[Path, Optional[Path]]:
+                 report: Optional[Callable[[MergeReport], None]] = None, fingerprint: Optional[str] = None,
+                 merge_options: Optional[dict[str, Any]] = None) -> tuple[Path, Optional[Path]]:
     """Write ``root/adapter`` and ``root/merged`` as a pair (see the module docstring); returns their paths. A merge
     from a quantized base hands its ``MergeReport`` to ``report`` (``export_merged``).
 
@@ -63,7 +68,7 @@ def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = No
     staging = root / f".final.tmp-{secrets.token_hex(4)}"
     try:
         os.mkdir(staging, 0o777)
-        _write(model, staging, merged, tokenizer, report)
+        _write(model, staging, merged, tokenizer, report, fingerprint, merge_options)
         inodes = {name: os.stat(staging / name).st_ino for name in names}
         (staging / "inodes.json").write_text(json.dumps(inodes), encoding="utf-8")
         fsync_path(staging / "inodes.json")

@@ -14,6 +14,7 @@ draws the next epoch's order differently after a mid-epoch restore (torchdata al
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -26,19 +27,25 @@ from typing_extensions import override
 
 from lightning_lora.callbacks._lightning import (
     CALLBACK_BASES,
+    is_model_parallel,
     is_overridden,
     rank_zero_info,
     rank_zero_warn,
     unsupported_strategy,
 )
+from lightning_lora.callbacks import distributed as fsdp2
 from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
 from lightning_lora.callbacks.exports import export_final, export_step, finish_final
+from lightning_lora.callbacks.loraplus import apply_loraplus
+from lightning_lora import distributed
 from lightning_lora.config import ALL_LINEAR, AdapterConfig, ConfigError, method_option_names
 from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
 from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
+from lightning_lora.plugins.compile import as_compile_policy, cache_path, compile_regions, load_cache, save_cache
 from lightning_lora.plugins.quantization import quantize_for_strategy
-from lightning_lora.quantize import MergeReport, as_quantize_config
+from lightning_lora.quantize import as_quantize_config
+from lightning_lora.quantize_merge import MergeReport
 from lightning_lora.surgery import (
     adapter_parameters,
     adapters,
@@ -63,10 +70,12 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Inject a parameter-efficient adapter into the LightningModule's model and train only the adapter.
 
     Args:
-        method: the adapter method: lora, dora, houlsby or pfeiffer. Options of another method are an error.
-        r: LoRA/DoRA rank (None: 8).
-        alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16).
-        dropout: LoRA/DoRA dropout on the adapter's input (None: 0.0).
+        method: the adapter method (lora, dora, houlsby, pfeiffer, llama_adapter, prefix, prompt, bitfit, ...).
+            Options of another method are an error.
+        r: LoRA/DoRA rank (None: 8); LoHa/LoKr rank (None: 8); VeRA's shared projection rank (None: 256); OFT's
+            blocks per layer (instead of oft_block_size); HRA's reflections (None: 8); Bone/MiSS block size (None: 64).
+        alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16); LoHa/LoKr likewise (None: 8).
+        dropout: LoRA/DoRA/VeRA dropout on the adapter's input (None: 0.0).
         target_modules: which modules to adapt, with PEFT's rules: a list of names (a path equal to a name or
             ending in .name), a regex matched against the whole path, or all-linear (every linear layer but the
             output head: the LoRA/DoRA default). Bottleneck adapters find their sublayers when unset.
@@ -77,9 +86,57 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         alpha_pattern: a module name or regex mapped to its own alpha, overriding alpha (LoRA/DoRA).
         use_rslora: scale by alpha / sqrt(r) instead of alpha / r (rsLoRA; LoRA/DoRA; None: false).
         init_weights: true (A Kaiming-uniform, B zero: PEFT's default), gaussian, or false (both random: the
-            adapter changes the output from the start) (LoRA/DoRA; None: true).
+            adapter changes the output from the start) (LoRA/DoRA; None: true); for LoRA also pissa, pissa_niter_<n>
+            or olora, which move part of each base weight into A and B (the base changes at injection; exports
+            hold the plain LoRA of rank 2r for the original base).
+            OFT/BOFT/HRA/Bone: false starts from random rotations or blocks (for tests); MiSS also mini.
+        loraplus_lr_ratio: LoRA+: B trains at this multiple of the optimizer's learning rate (true: 16), applied to
+            the optimizers configure_optimizers builds (LoRA/DoRA; None: off).
+        loraplus_lr_embedding: LoRA+: the learning rate of embedding adapters (None: 1e-6, as PEFT).
+        init_r: AdaLoRA's starting rank of every adapted layer (None: 12).
+        target_r: AdaLoRA's average rank once the budget has shrunk (None: 8).
+        tinit: AdaLoRA: steps before the budget starts to shrink (None: 0).
+        tfinal: AdaLoRA: last steps with the final budget fixed (None: 0).
+        deltaT: AdaLoRA: steps between two budget allocations (None: 1).
+        beta1: AdaLoRA: EMA factor of the importance (sensitivity) scores (None: 0.85).
+        beta2: AdaLoRA: EMA factor of their uncertainty (None: 0.85).
+        orth_reg_weight: AdaLoRA: weight of the orthogonality regularizer of P and Q (None: 0.5); HRA: weight of
+            the paper's ||I - U^T U||^2 regularizer (None: 0, off as in PEFT).
+        oft_block_size: OFT block size; in_features must divide by it (None: 32 unless r is given).
+        coft: constrained OFT: keep each block's generator within eps (None: false).
+        eps: COFT's radius (None: 6e-5).
+        block_share: OFT: one block shared by the whole layer (None: false).
+        use_cayley_neumann: OFT: Neumann series instead of the exact Cayley inverse, as PEFT (None: true).
+        num_cayley_neumann_terms: OFT: terms of that series (None: 5).
+        boft_block_size: BOFT block size (None: 4 unless boft_block_num is given).
+        boft_block_num: BOFT blocks per factor (instead of boft_block_size).
+        boft_n_butterfly_factor: BOFT butterfly factors; 1 is OFT with an output scale (None: 1).
+        boft_dropout: BOFT: fraction of one random factor's blocks set to the identity per step (None: 0).
+        apply_GS: HRA: orthonormalize the reflection vectors (Gram-Schmidt) (None: false).
+        mini_r: MiSS with init_weights=mini: width of the trained block tiled along out (None: 1).
+        miss_dropout: MiSS: dropout on its input (None: 0).
+        total_step: AdaLoRA: the schedule's length in optimizer steps (None: the Trainer's estimated steps).
+        rank_dropout: LoHa/LoKr: probability of dropping each output row of the update in a training step (None: 0).
+        module_dropout: LoHa/LoKr: probability of skipping a layer's whole update in a training step (None: 0);
+            OFT: fraction of a layer's blocks set to the identity in a training step (None: 0).
+        use_effective_conv2d: LoHa/LoKr: factor convolution kernels through a small core (FedPara's Proposition 3)
+            instead of the flattened (out, in * k) matrix (None: false).
+        rank_dropout_scale: LoKr: rescale the kept rows of rank_dropout by the kept fraction (None: false).
+        decompose_both: LoKr: make the left Kronecker factor low-rank too (None: false).
+        decompose_factor: LoKr: the size of one side of each Kronecker split (None: -1, near the square root).
+        d_initial: VeRA: starting value of lambda_d (None: 0.1).
+        projection_prng_key: VeRA: seed of the shared frozen random matrices A and B (None: 0).
+        save_projection: VeRA: store A and B in the adapter file, not only their seed (None: true).
         reduction_factor: bottleneck width is the hidden size divided by this (houlsby/pfeiffer; None: 16).
         nonlinearity: bottleneck activation: relu, gelu, silu, swish or tanh (houlsby/pfeiffer; None: relu).
+        adapter_len: LLaMA-Adapter: learned prompt vectors per adapted attention layer (llama_adapter; None: 10).
+        adapter_layers: LLaMA-Adapter: how many of the top attention layers get prompts (None: all of them).
+        num_virtual_tokens: prompt/prefix tuning: virtual tokens put before the input or the keys/values (None: 20).
+        prefix_projection: prefix tuning: train the prefix through a two-layer MLP (None: false).
+        encoder_hidden_size: prefix tuning: that MLP's width (None: the key/value width).
+        prompt_tuning_init: prompt tuning: RANDOM, TEXT (from prompt_tuning_init_text) or SAMPLE_VOCAB (None: RANDOM).
+        prompt_tuning_init_text: prompt tuning: the text whose token embeddings start the prompt (with TEXT).
+        tokenizer_name_or_path: prompt tuning: the tokenizer (a local path; in Python also the object) for TEXT.
         model_attr: dotted path of the module to adapt inside the LightningModule. None finds the one Hugging Face
             PreTrainedModel in it, else adapts the LightningModule itself.
         export_dir: where exports go; None is <trainer.log_dir or default_root_dir>/lightning_lora.
@@ -91,7 +148,18 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         quantize: QLoRA: quantize the frozen base of the adapted nn.Linear layers with torchao: nf4, int8 or int4, or
             a dict with format and its options, e.g. {format: nf4, scaler_block_size: 64} (lightning_lora.quantize).
             Done on the training device right after the precision plugin's cast; checkpoints never hold the base.
-            The merged export is then dequant(Wq) + dW, and what that merge cost is logged and kept in merge_report.
+            The merged export's merge cost is measured, printed and kept in merge_report.
+        merge_target: what the merged export of a quantized base holds: dequantized (dequant(Wq) + dW: what the
+            trained model computed), requantized (back into the quantized format: smaller, loses most of a 4-bit
+            update; load it with lightning_lora.load_quantized) or original (dW added to original_weights).
+            None: dequantized.
+        original_weights: the full-precision base for merge_target=original: a .safetensors file or the directory
+            save_pretrained wrote, keyed as the adapted model's state dict.
+        compile: torch.compile each transformer block in place (regional: one block's graph serves all), with
+            use_cache off while compiled: None is on when the Trainer's device is CUDA, true/false, a mode
+            (max-autotune, ...), or a dict of torch.compile options plus cache (true: keep the compile cache in
+            <export_dir or default_root_dir>/compile_cache.bin so the next run starts fast; a path; false)
+            (lightning_lora.plugins.compile).
     """
 
     def __init__(
@@ -109,14 +177,58 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         alpha_pattern: Optional[dict[str, float]] = None,
         use_rslora: Optional[bool] = None,
         init_weights: Union[bool, str, None] = None,
+        loraplus_lr_ratio: Union[bool, float, None] = None,
+        loraplus_lr_embedding: Optional[float] = None,
+        init_r: Optional[int] = None,
+        target_r: Optional[int] = None,
+        tinit: Optional[int] = None,
+        tfinal: Optional[int] = None,
+        deltaT: Optional[int] = None,
+        beta1: Optional[float] = None,
+        beta2: Optional[float] = None,
+        orth_reg_weight: Optional[float] = None,
+        oft_block_size: Optional[int] = None,
+        coft: Optional[bool] = None,
+        eps: Optional[float] = None,
+        block_share: Optional[bool] = None,
+        use_cayley_neumann: Optional[bool] = None,
+        num_cayley_neumann_terms: Optional[int] = None,
+        boft_block_size: Optional[int] = None,
+        boft_block_num: Optional[int] = None,
+        boft_n_butterfly_factor: Optional[int] = None,
+        boft_dropout: Optional[float] = None,
+        apply_GS: Optional[bool] = None,
+        mini_r: Optional[int] = None,
+        miss_dropout: Optional[float] = None,
+        total_step: Optional[int] = None,
+        rank_dropout: Optional[float] = None,
+        module_dropout: Optional[float] = None,
+        use_effective_conv2d: Optional[bool] = None,
+        rank_dropout_scale: Optional[bool] = None,
+        decompose_both: Optional[bool] = None,
+        decompose_factor: Optional[int] = None,
+        d_initial: Optional[float] = None,
+        projection_prng_key: Optional[int] = None,
+        save_projection: Optional[bool] = None,
         reduction_factor: Optional[int] = None,
         nonlinearity: Optional[str] = None,
+        adapter_len: Optional[int] = None,
+        adapter_layers: Optional[int] = None,
+        num_virtual_tokens: Optional[int] = None,
+        prefix_projection: Optional[bool] = None,
+        encoder_hidden_size: Optional[int] = None,
+        prompt_tuning_init: Optional[str] = None,
+        prompt_tuning_init_text: Optional[str] = None,
+        tokenizer_name_or_path: Optional[str] = None,
         model_attr: Optional[str] = None,
         export_dir: Optional[str] = None,
         export_merged: Optional[bool] = None,
         export_on_checkpoint: bool = False,
         seed: Optional[int] = None,
         quantize: Union[str, dict[str, Any], None] = None,
+        compile: Union[bool, str, dict[str, Any], None] = None,
+        merge_target: Optional[str] = None,
+        original_weights: Optional[str] = None,
     ) -> None:
         given = locals()
         options = {name: given[name] for name in method_option_names() if given.get(name) is not None}
@@ -133,6 +245,10 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.export_on_checkpoint = export_on_checkpoint
         self.seed = seed
         self.quantize = as_quantize_config(quantize)
+        self.merge_options = _merge_options(merge_target, original_weights, self.quantize, self.export_merged)
+        self.compile_policy = as_compile_policy(compile)
+        self._compiled: Optional[Any] = None  # plugins.compile.CompiledRegions while the blocks are compiled
+        self._compile_cache: Optional[Path] = None
         self.adapter_dir: Optional[Path] = None
         self.merged_dir: Optional[Path] = None
         self.merge_report: Optional[MergeReport] = None  # what the fit-end merge from a quantized base cost
@@ -143,6 +259,10 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer: Optional[pl.Trainer] = None
         self._exported_step: Optional[int] = None
         self._resume_rng: Optional[dict[str, Any]] = None
+        self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
+        self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
+        self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded in on_fit_start
+        self._replicated: list[nn.Parameter] = []  # FSDP2: trainable parameters kept whole on every rank
 
     @property
     @override
@@ -162,12 +282,16 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         strategy = unsupported_strategy(trainer.strategy)
         if strategy is not None:
             raise ConfigError(
-                f"LoRACallback does not support {strategy} yet: sharded parameters need sharding-aware injection, "
-                "checkpoints and merges. Use strategy='ddp' (adapters are small, so plain data parallelism fits "
-                "wherever the base model fits on one device), or train without LoRACallback."
+                f"LoRACallback does not support {strategy} yet. Use strategy='ddp' (adapters are small, so plain data "
+                "parallelism fits wherever the base model fits on one device), or, to shard the base, "
+                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 applied in "
+                "configure_model (lightning_lora.distributed.shard_model)."
             )
         self._trainer = trainer
-        if is_overridden("configure_model", pl_module):
+        self._sharded = is_model_parallel(trainer.strategy)
+        if self._sharded:
+            self._setup_fsdp2(trainer, pl_module)
+        elif is_overridden("configure_model", pl_module):
             _wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
@@ -183,6 +307,32 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.is_global_zero and stage == "fit":
             finish_final(self._export_root(trainer))  # an interrupted final export of an earlier run
 
+    def _setup_fsdp2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under ModelParallelStrategy the user's configure_model shards the model, so the adapters go in now, before
+        it (every rank then shards the adapted tree), and checkpoints become adapter-only (callbacks/distributed.py)."""
+        tp = fsdp2.tensor_parallel_size(trainer.strategy)
+        if tp != 1:
+            raise ConfigError(
+                f"LoRACallback supports ModelParallelStrategy as FSDP2 data parallelism only, and this one has "
+                f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={trainer.world_size}, "
+                "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
+            )
+        if self.export_merged:
+            raise ConfigError("LoRACallback under ModelParallelStrategy writes the adapter export only for now; set "
+                              "export_merged=False.")
+        try:
+            self._inject(trainer, pl_module)
+        except ConfigError as err:
+            raise ConfigError(
+                f"{err} Under ModelParallelStrategy the adapters are injected before configure_model (which shards "
+                "the model), so the model must exist when fit starts: build it in __init__ and shard it in "
+                "configure_model (lightning_lora.distributed.shard_model)."
+            ) from None
+        fsdp2.use_adapter_checkpoints(trainer.strategy, self._frozen_keys,
+                                      lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
+                                      self._export_step_all_ranks,
+                                      lambda states: setattr(self, "_pending_optimizer_states", states))
+
     def _after_precision_cast(self) -> None:
         """Quantize the base if asked, and keep adapters in float32 whatever the precision plugin cast them to."""
         if self._root is None:
@@ -192,6 +342,23 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         for p in adapter_parameters(self._root):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
+        self._compile(self._trainer)
+
+    def _compile(self, trainer: pl.Trainer) -> None:
+        """Compile the adapted model's blocks (after injection, the precision cast and quantization; before DDP's
+        wrap and the optimizers, neither of which a block compiled in place changes), loading the compile cache of an
+        earlier run first."""
+        if self._compiled is not None or not self.compile_policy.active(trainer.strategy.root_device):
+            return
+        if getattr(trainer.lightning_module, "_compiler_ctx", None) is not None:
+            rank_zero_info("lightning_lora: the LightningModule was compiled whole (trainer.fit(torch.compile(...))); "
+                           "not compiling its blocks again")
+            return
+        self._compile_cache = cache_path(self.compile_policy, self.export_dir or trainer.default_root_dir)
+        load_cache(self._compile_cache)
+        self._compiled = compile_regions(self._root, self.compile_policy)
+        rank_zero_info(f"lightning_lora: compiled {len(self._compiled.paths)} blocks "
+                       f"({self._compiled.paths[0] or type(self._root).__name__}, ...)")
 
     def _find_root(self, pl_module: pl.LightningModule) -> tuple[str, nn.Module]:
         if self.model_attr is not None:
@@ -249,9 +416,17 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
+        if self._sharded:
+            for optimizer, state in zip(trainer.optimizers, self._pending_optimizer_states or []):
+                distributed.load_optimizer_state(optimizer, state)
+            self._pending_optimizer_states = None
+            self._replicated = distributed.replicated_trainable(pl_module) if distributed.is_sharded(pl_module) else []
         params = list(adapter_parameters(self.model))
         if not any(p.requires_grad for p in params):
             raise ConfigError("No adapter parameter requires grad; was requires_grad changed after injection?")
+        if getattr(self.config, "loraplus_lr_ratio", None) is not None:
+            apply_loraplus(trainer, adapters(self.model), self.config.loraplus_lr_ratio,
+                           self.config.loraplus_lr_embedding)
         half = {str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)}
         if half:
             rank_zero_warn(
@@ -261,10 +436,25 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._replicated:  # FSDP2 averages the gradients of what it shards; these it was told to leave whole
+            distributed.average_replicated_grads(self._replicated, fsdp2.data_parallel_group(trainer.strategy))
+        spec = method_spec(self.config.method)
+        if spec.regularization is not None:  # its gradient joins the (unscaled, all-reduced) loss gradient
+            term = spec.regularization(adapters(self.model))
+            if term is not None:
+                term.backward()
+        self._stepped = True
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        fsdp2.remove_adapter_checkpoints(trainer.strategy)
         for hook in ("configure_model", "on_load_checkpoint"):
             pl_module.__dict__.pop(hook, None)
         trainer.precision_plugin.__dict__.pop("convert_module", None)
+        if self._compiled is not None:  # the model leaves fit eager again, with the user's use_cache (for generate)
+            self._compiled.restore()
+            self._compiled = None
         if self._user_strict_loading is not None:
             pl_module.strict_loading = self._user_strict_loading
             self._user_strict_loading = None
@@ -296,13 +486,25 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _after_save(self) -> None:
         """A checkpoint file is complete (rank zero only): export this step once, however many files it wrote."""
+        if not self._sharded:  # under FSDP2 every rank takes part (_export_step_all_ranks)
+            self._export_step()
+
+    def _export_step_all_ranks(self) -> None:
+        """FSDP2: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
+        if self.export_on_checkpoint and self._trainer is not None and self._exported_step != self._trainer.global_step:
+            with distributed.gathered_adapters(self.model):
+                if self._trainer.is_global_zero:
+                    self._export_step()
+
+    def _export_step(self) -> None:
         trainer = self._trainer
         if not self.export_on_checkpoint or trainer is None or self._exported_step == trainer.global_step:
             return
         self._exported_step = trainer.global_step
         directory = self._export_root(trainer) / f"step-{trainer.global_step}"
         try:
-            export_step(self.model, directory, self.export_merged, self._tokenizer(trainer))
+            export_step(self.model, directory, self.export_merged, self._tokenizer(trainer), self._fingerprint,
+                        self.merge_options)
         except OSError as err:  # ExportError, including safetensors' errors: the checkpoint is written, keep training
             rank_zero_warn(f"lightning_lora: the export of step {trainer.global_step} to {directory} failed, training "
                            f"goes on and the checkpoint is complete: {err}")
@@ -357,6 +559,16 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 _set_rng_state(self._resume_rng)
             self._resume_rng = None
 
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        spec = method_spec(self.config.method)
+        if self._stepped and spec.after_step is not None:  # after the optimizer step, gradients not yet cleared
+            spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
+        self._stepped = False
+        if self._compiled is not None and not self._compiled.cache_saved and trainer.is_global_zero:
+            self._compiled.cache_saved = save_cache(self._compile_cache)  # the training graphs, once they exist
+
     # -- export ------------------------------------------------------------------------------------------------------
     def _export_root(self, trainer: pl.Trainer) -> Path:
         if self.export_dir is not None:
@@ -372,11 +584,17 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write ``adapter/`` and ``merged/`` as a pair; a failure (a full disk) raises after training, since the last
         checkpoint holds the adapter, and leaves the previous pair in place."""
+        gathered = distributed.gathered_adapters(self.model) if self._sharded else contextlib.nullcontext()
         try:
+            if trainer.is_global_zero and self._compiled is not None:
+                save_cache(self._compile_cache)  # now with the validation graphs too
+            with gathered:  # FSDP2: every rank gathers the adapter tensors (only those), rank zero writes them
+                if trainer.is_global_zero:
+                    self.adapter_dir, self.merged_dir = export_final(
+                        self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
+                        report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
+                        merge_options=self.merge_options)
             if trainer.is_global_zero:
-                self.adapter_dir, self.merged_dir = export_final(
-                    self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
-                    report=lambda report: setattr(self, "merge_report", report))
                 rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
                                + (f", merged model to {self.merged_dir}" if self.merged_dir else "")
                                + (f"\n{self.merge_report}" if self.merge_report else ""))
@@ -387,6 +605,25 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                                    "it, or write it again with lightning_lora.export_merged.")
         finally:
             trainer.strategy.barrier("lightning_lora_export")
+
+
+def _merge_options(target: Optional[str], original: Optional[str], quantize: Any, export: bool) -> dict[str, Any]:
+    """``export_merged``'s merge options, checked before training starts."""
+    from lightning_lora.quantize_merge import MERGE_TARGETS
+
+    if target is None and original is None:
+        return {}
+    if target not in (None, *MERGE_TARGETS):
+        raise ConfigError(f"LoRACallback(merge_target={target!r}): use one of {MERGE_TARGETS}.")
+    if quantize is None or not export:
+        raise ConfigError("LoRACallback(merge_target=..., original_weights=...) choose what the merged export of a "
+                          "quantized base holds: set quantize= (and keep export_merged on), or drop them.")
+    if (target == "original") != (original is not None):
+        raise ConfigError("LoRACallback: merge_target='original' and original_weights=<path to the full-precision "
+                          "weights (.safetensors file or save_pretrained directory)> go together.")
+    if original is not None and not Path(original).exists():
+        raise ConfigError(f"LoRACallback(original_weights={original!r}): no such file or directory.")
+    return {"merge_target": target or "dequantized", **({"original": original} if original is not None else {})}
 
 
 _TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
