@@ -4,6 +4,7 @@ The core (config, targeting, methods, surgery, io) works on any ``nn.Module``; `
 """
 
 from .atomic import ExportError, ExportTargetError
+from .combine import add_weighted_adapter
 from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
 from .export import export_merged, merged_state_dict
 from .fingerprint import base_fingerprint, compare_fingerprints
@@ -48,6 +49,7 @@ __all__ = [
     "adapter_names",
     "adapter_state_dict",
     "adapters",
+    "add_weighted_adapter",
     "delete_adapter",
     "set_active_adapters",
     "base_fingerprint",
