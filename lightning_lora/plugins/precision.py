@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 from typing_extensions import override
 
@@ -12,26 +13,44 @@ from lightning_lora.config import ConfigError
 from lightning_lora.plugins.quantization import skip_in_ddp_broadcast
 from lightning_lora.quantize import as_quantize_config, quantize_base, quantized_layers
 
+# Lightning's plugin class for each precision a QuantizedPrecision can run with, from both packages when both are
+# installed, so that either Trainer accepts it (see callbacks/_lightning.py).
+_KINDS = {"32-true": "Precision", "bf16-mixed": "MixedPrecision", "16-mixed": "MixedPrecision",
+          "bf16-true": "HalfPrecision", "16-true": "HalfPrecision"}
 PRECISION_BASES: tuple[type, ...] = tuple(pl.plugins.precision.Precision for pl in PACKAGES)
 
 
 class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
-    # Both packages' Precision when both are installed, so that either Trainer accepts it (see callbacks/_lightning.py).
-    """``Trainer(plugins=[QuantizedPrecision("nf4")])``: full precision (as ``precision="32-true"``) with the frozen
-    base of the adapted ``nn.Linear`` layers quantized in ``convert_module``.
+    """``Trainer(plugins=[QuantizedPrecision("nf4", precision="bf16-mixed")])``: Lightning's plugin for ``precision``
+    (32-true, bf16-mixed, 16-mixed, bf16-true or 16-true), with the frozen base of the adapted ``nn.Linear`` layers
+    quantized in ``convert_module``, after that precision's own cast.
 
-    The adapters must exist by then: add ``LoRACallback`` (which injects in ``setup``) or inject them yourself. Load
-    the model in bfloat16 to compute in bfloat16 (a plugin replaces the Trainer's ``precision=``, so this one cannot be
-    combined with ``bf16-mixed``). Weights are quantized where they are (usually the CPU) and then moved;
-    ``LoRACallback(quantize=...)`` does the same on the device, keeps any ``precision=``, and is the form that will
-    work under FSDP.
+    The adapters must exist by then: add ``LoRACallback`` (which injects in ``setup``) or inject them yourself. A
+    plugin replaces the Trainer's ``precision=`` argument, hence ``precision`` here. Weights are quantized where they
+    are (usually the CPU) and then moved; ``LoRACallback(quantize=...)`` does the same on the device, keeps the
+    Trainer's ``precision=`` and takes no plugin slot (Lightning's FSDP accepts only its own, #20855), so prefer it.
 
     Args:
         quantize: the format: nf4, int8 or int4, or a dict with format and its options (``lightning_lora.quantize``).
+        precision: the precision to train in, as the Trainer's ``precision=`` (default 32-true).
+        device: for mixed precision, the autocast device type (default: cuda when available, else cpu).
     """
 
-    def __init__(self, quantize: Union[str, dict[str, Any]]) -> None:
-        super().__init__()
+    def __new__(cls, quantize: Union[str, dict[str, Any]], precision: str = "32-true",
+                device: Optional[str] = None) -> QuantizedPrecision:
+        if precision not in _KINDS:
+            raise ConfigError(f"QuantizedPrecision(precision={precision!r}): use one of {sorted(_KINDS)}.")
+        return super().__new__(_CLASSES[_KINDS[precision]])
+
+    def __init__(self, quantize: Union[str, dict[str, Any]], precision: str = "32-true",
+                 device: Optional[str] = None) -> None:
+        kind = _KINDS[precision]
+        if kind == "MixedPrecision":
+            super().__init__(precision, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        elif kind == "HalfPrecision":
+            super().__init__(precision)
+        else:
+            super().__init__()
         config = as_quantize_config(quantize)
         if config is None:
             raise ConfigError("QuantizedPrecision(quantize=None) would quantize nothing; pass a format such as 'nf4', "
@@ -40,7 +59,7 @@ class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
 
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
-        module = super().convert_module(module)
+        module = super().convert_module(module)  # a true-half cast first: it would dequantize an NF4 weight
         converted = quantize_base(module, self.quantize)
         if not quantized_layers(module):
             raise ConfigError(
@@ -51,3 +70,12 @@ class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
         rank_zero_info(f"lightning_lora: base of {len(converted)} adapted layers quantized to {self.quantize}")
         skip_in_ddp_broadcast(module, module)
         return module
+
+
+def _with_bases(name: str) -> type:
+    bases = tuple(getattr(pl.plugins.precision, name) for pl in PACKAGES)
+    return type(f"Quantized{name}", (QuantizedPrecision, *bases), {"__module__": __name__})
+
+
+_CLASSES = {"Precision": QuantizedPrecision, "MixedPrecision": _with_bases("MixedPrecision"),
+            "HalfPrecision": _with_bases("HalfPrecision")}
