@@ -151,6 +151,7 @@ def _adapter_file(model: nn.Module, name: str, fingerprint: str) -> tuple[dict[s
     # a copy per key, as PEFT does: tensors the user tied would otherwise make safetensors refuse the file
     tensors = {(k if k in top else PEFT_PREFIX + k): v.to('cpu', copy=True).contiguous()
                for k, v in file_tensors(found, name).items()}
+    tensors.update({k: v.to('cpu', copy=True).contiguous() for k, v in shared_file_tensors(found, name).items()})
     metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint, "lightning_lora.method": injected_config(model, name).method}
     return tensors, metadata, config
 
@@ -334,7 +335,7 @@ def _prepare_from_file(model: nn.Module, directory: Path, name: str, fingerprint
     config, tensors, metadata = read_adapter(directory)
     # seeded in a forked RNG: the file overwrites the initial values, and the caller's random stream must not move
     prepared = prepare(model, _drop_unused_patterns(config, tensors), seed=0, name=name)
-    expected = file_tensors(prepared)
+    expected = {**file_tensors(prepared), **shared_file_tensors(prepared)}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(
