@@ -71,6 +71,20 @@ def _positive_real(option: str, value: Any) -> float:
     return _plain(value)
 
 
+def _probability(option: str, value: Any) -> float:
+    """A dropout probability in [0, 1)."""
+    if not _is_real(value) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{option} must be a probability in [0, 1) such as 0.05, {_got(value)}.")
+    return _plain(value)
+
+
+def _boolean(option: str, value: Any) -> bool:
+    """A flag; 1/0 and "true" strings are refused (a YAML typo should not pass as a flag)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{option} must be true or false, {_got(value)}.")
+    return value
+
+
 def _regex(option: str, pattern: str, hint: str = "") -> str:
     """``pattern`` if it compiles; regexes are checked when the config is built, not when they first meet a model."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import ConfigError
 from . import bottleneck, dora, lora
+from . import loha, lokr, vera  # additive low-rank family (hada)
 from .base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -13,6 +14,9 @@ METHODS: dict[str, MethodSpec] = {
                           default_targets=bottleneck.default_sublayers),
     "pfeiffer": MethodSpec("pfeiffer", bottleneck.build_bottleneck, bottleneck.supports_bottleneck, mergeable=False,
                            default_targets=bottleneck.default_sublayers),
+    "loha": MethodSpec("loha", loha.build_loha, loha.supports_loha, mergeable=True),
+    "lokr": MethodSpec("lokr", lokr.build_lokr, lokr.supports_lokr, mergeable=True),
+    "vera": MethodSpec("vera", vera.build_vera, vera.supports_vera, mergeable=True, shared=vera.vera_projections),
 }
 
 
