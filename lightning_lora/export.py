@@ -53,6 +53,9 @@ def _merge(model: nn.Module, target: str = "dequantized", original: Optional[Ori
     layers = {id(layer) for layer in weight_adapters(model, "merge")}
     state = base_state_dict(model)
     for path, layer in adapters(model).items():
+        if isinstance(layer, InsertedAdapter):  # a mergeable one (weight_adapters refused the others): BitFit's biases
+            state.update({f"{path}.{k}" if path else k: v for k, v in layer.merged_tensors().items()})
+            continue
         if id(layer) not in layers:
             continue
         merged = layer.merged_weight()

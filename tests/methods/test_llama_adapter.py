@@ -1,0 +1,110 @@
+"""LLaMA-Adapter: PEFT's ADAPTION_PROMPT as the oracle (outputs, files both ways, generation; Llama with GQA and
+GPT-2), zero-init gating (exactly the base at step zero), placement, round trip, unload, options, a real Trainer fit
+and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_gpt2, make_llama, make_plain
+from inserted_checks import (
+    batch,
+    check_bad_option,
+    check_fit_lowers_loss,
+    check_generate_uses_the_cache_correctly,
+    check_round_trip_and_unload,
+    check_same_as_peft_files,
+    outputs,
+)
+
+from tiny_modules import TinyLlamaModule
+
+from lightning_lora.config import AdapterConfig
+from lightning_lora.io import save_adapter
+from lightning_lora.methods.llama_adapter import AdaptionPrompt
+from lightning_lora.surgery import adapters, disable_adapters, inject, parameter_counts
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama-gqa", "gpt2"])
+def test_same_as_peft_and_files_load_both_ways(tmp_path: Path, make) -> None:
+    import peft
+
+    options = {"adapter_len": 4, "adapter_layers": 1}
+    check_same_as_peft_files(make, "llama_adapter", options, tmp_path,
+                             peft.AdaptionPromptConfig(task_type="CAUSAL_LM", **options))
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_step_zero_is_exactly_the_base_model(make) -> None:
+    base = make()
+    model = copy.deepcopy(base)
+    inject(model, AdapterConfig.create("llama_adapter", adapter_len=4))
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model, ids, mask)[0], outputs(base, ids, mask)[0], rtol=0, atol=0)
+        for adapter in adapters(model).values():
+            adapter.adaption_gate.fill_(0.5)
+        adapted = outputs(model, ids, mask)[0]
+        assert (adapted - outputs(base, ids, mask)[0]).abs().max() > 1e-3
+        with disable_adapters(model):
+            torch.testing.assert_close(outputs(model, ids, mask)[0], outputs(base, ids, mask)[0], rtol=0, atol=0)
+
+
+def test_placement_and_parameter_count(tmp_path: Path) -> None:
+    model = make_llama(layers=3)
+    assert inject(model, AdapterConfig.create("llama_adapter", adapter_len=5, adapter_layers=2)) == [
+        "model.layers.1.self_attn", "model.layers.2.self_attn"]
+    assert all(isinstance(a, AdaptionPrompt) for a in adapters(model).values())
+    assert parameter_counts(model)[0] == 2 * (5 * 32 + 1)  # per layer: adapter_len x hidden, and the gate
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config == {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+                      "target_modules": "self_attn", "adapter_len": 5, "adapter_layers": 2, "inference_mode": True}
+    every = make_llama(layers=3)
+    assert len(inject(every, AdapterConfig.create("llama_adapter"))) == 3  # adapter_layers unset: every layer
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_generate_with_and_without_cache(make) -> None:
+    model = make()
+    inject(model, AdapterConfig.create("llama_adapter", adapter_len=3), seed=0)
+    with torch.no_grad():
+        for adapter in adapters(model).values():
+            adapter.adaption_gate.fill_(1.0)
+    check_generate_uses_the_cache_correctly(model)
+
+
+def test_round_trip_and_unload(tmp_path: Path) -> None:
+    check_round_trip_and_unload(make_llama, "llama_adapter", {"adapter_len": 3}, tmp_path)
+
+
+@pytest.mark.parametrize("make,options,match", [
+    (make_llama, {"adapter_len": 0}, "adapter_len must be a positive integer"),
+    (make_llama, {"adapter_layers": 3}, "adapter_layers=3 but LlamaForCausalLM has only 2 attention modules"),
+    (make_llama, {"target_modules": ["q_proj", "k_proj"]}, "one attention module name"),
+    (make_llama, {"target_modules": "mlp"}, r"model.layers.0.mlp \(LlamaMLP\) is not an attention module"),
+    (make_llama, {"layers_to_transform": [1]}, "takes no layers_to_transform"),
+    (make_plain, {}, "PlainNet has no attention module named 'self_attn' or 'attn'"),
+])
+def test_bad_options_fail_before_the_model_changes(make, options: dict, match: str) -> None:
+    check_bad_option(make, "llama_adapter", options, match)
+
+
+def test_fit_lowers_the_loss(tmp_path: Path) -> None:
+    # the gate starts at zero, so a tiny model's loss moves slowly at LoRA's rate; 0.1 shows it in two epochs
+    module = check_fit_lowers_loss(tmp_path, TinyLlamaModule(lr=0.1), method="llama_adapter", adapter_len=4)
+    assert all(a.adaption_gate.abs().item() > 0 for a in adapters(module.model).values())
+
+
+def test_cli_options(tmp_path: Path) -> None:
+    from test_cli import lora_callbacks, run_cli
+
+    cli = run_cli([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--lora.method=llama_adapter",
+                   "--lora.adapter_len=3", "--lora.adapter_layers=1", f"--lora.export_dir={tmp_path / 'export'}"])
+    (callback,) = lora_callbacks(cli)
+    assert callback.config == AdapterConfig.create("llama_adapter", adapter_len=3, adapter_layers=1)
+    assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
