@@ -70,8 +70,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Inject a parameter-efficient adapter into the LightningModule's model and train only the adapter.
 
     Args:
-        method: the adapter method (lora, dora, houlsby, pfeiffer, llama_adapter, prefix, prompt, bitfit, ...).
-            Options of another method are an error.
+        method: the adapter method (lora, dora, adalora, houlsby, pfeiffer, llama_adapter, prefix, prompt, bitfit,
+            loha, lokr, vera, ...). Options of another method are an error.
         r: LoRA/DoRA rank (None: 8); LoHa/LoKr rank (None: 8); VeRA's shared projection rank (None: 256); OFT's
             blocks per layer (instead of oft_block_size); HRA's reflections (None: 8); Bone/MiSS block size (None: 64).
         alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16); LoHa/LoKr likewise (None: 8).
@@ -116,6 +116,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         mini_r: MiSS with init_weights=mini: width of the trained block tiled along out (None: 1).
         miss_dropout: MiSS: dropout on its input (None: 0).
         total_step: AdaLoRA: the schedule's length in optimizer steps (None: the Trainer's estimated steps).
+        kept_triplets: AdaLoRA: which triplets each layer keeps, as an export records them (PEFT's rank_pattern,
+            {<path>.lora_E: [true, false, ...]}); set to continue from those ranks (None: all init_r).
         rank_dropout: LoHa/LoKr: probability of dropping each output row of the update in a training step (None: 0).
         module_dropout: LoHa/LoKr: probability of skipping a layer's whole update in a training step (None: 0);
             OFT: fraction of a layer's blocks set to the identity in a training step (None: 0).
@@ -201,6 +203,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         mini_r: Optional[int] = None,
         miss_dropout: Optional[float] = None,
         total_step: Optional[int] = None,
+        kept_triplets: Optional[dict[str, list[bool]]] = None,
         rank_dropout: Optional[float] = None,
         module_dropout: Optional[float] = None,
         use_effective_conv2d: Optional[bool] = None,
@@ -491,10 +494,12 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _export_step_all_ranks(self) -> None:
         """FSDP2: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
-        if self.export_on_checkpoint and self._trainer is not None and self._exported_step != self._trainer.global_step:
+        trainer = self._trainer
+        if self.export_on_checkpoint and trainer is not None and self._exported_step != trainer.global_step:
             with distributed.gathered_adapters(self.model):
-                if self._trainer.is_global_zero:
+                if trainer.is_global_zero:
                     self._export_step()
+            self._exported_step = trainer.global_step  # on every rank: each decides alike whether to gather
 
     def _export_step(self) -> None:
         trainer = self._trainer
