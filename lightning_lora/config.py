@@ -288,8 +288,13 @@ class LoRAConfig(AdapterConfig):
     """LoRA (Hu et al. 2021, arXiv 2106.09685) and DoRA (Liu et al. 2024, arXiv 2402.09353).
 
     The update is ``(alpha / r) * B A`` (rsLoRA, arXiv 2312.03732: ``alpha / sqrt(r)``). ``init_weights`` is
-    ``True`` (A Kaiming-uniform, B zero: PEFT's default), ``"gaussian"`` (A normal with std 1/r, B zero) or
-    ``False`` (both random: the adapter changes the output from the start; for tests).
+    ``True`` (A Kaiming-uniform, B zero: PEFT's default), ``"gaussian"`` (A normal with std 1/r, B zero),
+    ``False`` (both random: the adapter changes the output from the start; for tests), or one that moves part of the
+    base weight into A and B and leaves the residual in the base (LoRA on linear layers only; ``methods/lora_init.py``):
+    ``"pissa"`` (PiSSA, arXiv 2404.02948: the r principal singular components), ``"pissa_niter_<n>"`` (the same from
+    a randomized SVD with n subspace iterations) or ``"olora"`` (OLoRA, arXiv 2406.01775: a QR decomposition).
+    ``loraplus_lr_ratio`` turns on LoRA+ (arXiv 2402.12354): B trains at that multiple of the optimizer's learning
+    rate (``True``: 16), and adapters of embeddings at ``loraplus_lr_embedding`` (None: 1e-6, as PEFT).
     ``rank_pattern``/``alpha_pattern`` map a module name or regex to its own r/alpha, as in PEFT.
     With no ``target_modules``, every linear layer but the output head is adapted (``"all-linear"``, as QLoRA).
     """
@@ -302,6 +307,8 @@ class LoRAConfig(AdapterConfig):
     init_weights: Union[bool, str] = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    loraplus_lr_ratio: Union[float, bool, None] = None
+    loraplus_lr_embedding: Optional[float] = None
 
     METHODS: ClassVar[tuple[str, ...]] = ("lora", "dora")
     PEFT_TYPE: ClassVar[Optional[str]] = "LORA"
@@ -318,10 +325,32 @@ class LoRAConfig(AdapterConfig):
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be true or false, {_got(self.use_rslora)}.")
         # ``1 == True`` and ``0.0 == False`` in Python, so membership in (True, False) would let numbers through
-        if not (isinstance(self.init_weights, bool) or self.init_weights == "gaussian"):
-            raise ConfigError(f"init_weights must be True, False or 'gaussian', {_got(self.init_weights)}.")
+        if not (isinstance(self.init_weights, bool) or self.init_weights == "gaussian" or self.changes_base):
+            raise ConfigError(f"init_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n >= 1, "
+                              f"e.g. 'pissa_niter_4') or 'olora', {_got(self.init_weights)}.")
+        if self.changes_base and self.method != "lora":
+            raise ConfigError(f"init_weights={self.init_weights!r} moves part of the base weight into A and B, which "
+                              f"plain LoRA supports and {self.method!r} does not; use method='lora' or another init.")
         self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, _positive_int)
         self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, _positive_real)
+        if self.loraplus_lr_ratio is True:
+            self.loraplus_lr_ratio = 16.0  # the paper's suggestion for LLMs
+        if self.loraplus_lr_ratio is not None:
+            self.loraplus_lr_ratio = _positive_real("loraplus_lr_ratio", self.loraplus_lr_ratio)
+        if self.loraplus_lr_embedding is not None:
+            if self.loraplus_lr_ratio is None:
+                raise ConfigError("loraplus_lr_embedding is a LoRA+ option; set loraplus_lr_ratio (e.g. 16) too, or "
+                                  "drop it.")
+            self.loraplus_lr_embedding = _positive_real("loraplus_lr_embedding", self.loraplus_lr_embedding)
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether ``init_weights`` moves part of the base weight into the adapter (PiSSA, OLoRA)."""
+        init = self.init_weights
+        if not isinstance(init, str):
+            return False
+        niter = init.removeprefix("pissa_niter_")
+        return init in ("pissa", "olora") or (niter != init and niter.isdigit() and int(niter) >= 1)
 
     @property
     def use_dora(self) -> bool:
@@ -331,7 +360,22 @@ class LoRAConfig(AdapterConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
-        """PEFT's ``adapter_config.json`` (see ``to_peft_dict``)."""
+        """PEFT's ``adapter_config.json`` (see ``to_peft_dict``). An adapter whose init changed the base (PiSSA,
+        OLoRA) is written as the plain LoRA of rank 2r its file tensors hold (``lora_init.ResidualLoRAUpdate``), with
+        alpha scaled so that the scaling is unchanged, as PEFT's ``path_initial_model_for_weight_conversion``."""
+        if self.changes_base:
+            grow = math.sqrt(2) if self.use_rslora else 2.0
+            plain = dataclasses.replace(self, r=2 * self.r, alpha=grow * self.alpha, init_weights=True,
+                                        rank_pattern={}, alpha_pattern={})
+            return plain.to_peft_dict(
+                targets=list(layers),
+                ranks={p: 2 * a.adapters[DEFAULT_ADAPTER].r for p, a in layers.items()},
+                alphas={p: grow * a.adapters[DEFAULT_ADAPTER].alpha for p, a in layers.items()},
+                fan_in_fan_out=any(a.kind.fan_in_fan_out for a in layers.values()),
+                base_model_name_or_path=model_info.get("base_model_name_or_path"),
+                task_type=model_info.get("task_type"),
+                module_paths=module_paths,
+            )
         return self.to_peft_dict(
             targets=list(layers),
             ranks={p: a.adapters[DEFAULT_ADAPTER].r for p, a in layers.items()},
@@ -529,10 +573,14 @@ def as_adapter_config(obj: Any, model: Any = None) -> AdapterConfig:
     if type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "to_dict", None)):
         data = dict(obj.to_dict())
         init = data.get("init_lora_weights", True)
-        if not (isinstance(init, bool) or init == "gaussian"):  # a file's weights replace init; a new adapter's not
+        # a file's weights replace init; a new adapter's do not: PiSSA/OLoRA start here from the base weight
+        if isinstance(init, str) and init.startswith(("pissa", "olora")) and data.get("peft_type") == "LORA":
+            config = AdapterConfig.from_dict({**data, "init_lora_weights": True})
+            return dataclasses.replace(config, init_weights=init)
+        if not (isinstance(init, bool) or init == "gaussian"):
             raise ConfigError(
                 f"{type(obj).__name__}(init_lora_weights={init!r}) is not supported for new adapters; use True "
-                "(PEFT's default), False or 'gaussian'."
+                "(PEFT's default), False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'."
             )
         return AdapterConfig.from_dict(data)
     raise TypeError(

@@ -172,7 +172,7 @@ def test_dropout_must_be_a_probability_below_one(dropout: float) -> None:
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"init_weights": "pissa"}, "init_weights must be"),
+    ({"init_weights": "pissa_niter_x"}, "init_weights must be"),
     ({"alpha": math.inf}, "alpha must be a positive finite number"),
     ({"alpha": math.nan}, "alpha must be a positive finite number"),
     ({"target_modules": 3}, "target_modules must be"),

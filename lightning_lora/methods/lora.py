@@ -146,6 +146,10 @@ def check_rank(base_layer: nn.Module, r: int, path: str) -> None:
 def build_lora(base_layer: nn.Module, config: LoRAConfig, path: str) -> WeightUpdate:
     r, alpha = rank_and_alpha(config, path)
     check_rank(base_layer, r, path)
+    if config.changes_base:  # PiSSA/OLoRA (lora_init.py builds on this module, hence the late import)
+        from .lora_init import build_residual_lora
+
+        return build_residual_lora(base_layer, config, r, alpha, path)
     return UPDATES[base_kind(base_layer).family](base_layer, config, r, alpha)
 
 
