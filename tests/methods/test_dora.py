@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from lightning_lora.config import AdapterConfig, ConfigError, LoRAConfig
 from lightning_lora.surgery import inject
 from lightning_lora.methods.base import AdaptedLayer
-from lightning_lora.methods.dora import DoRAUpdate
+from lightning_lora.methods.dora import DoRAConvUpdate, DoRAUpdate
 from lightning_lora.surgery import adapters
 
 
@@ -188,14 +188,141 @@ def test_dora_layer_state_names_follow_peft() -> None:
     assert len(adapters(model)) == 2
 
 
-def test_dora_refuses_embeddings_and_convolutions() -> None:
-    from conftest import make_plain
+class ConvNet(nn.Module):
+    """An embedding, then Conv1d/2d/3d (with and without a bias; zero padding, since PEFT's LoRA convolutions ignore
+    padding_mode, which ours honor)."""
 
-    for target in ("embed", "conv"):
-        model = make_plain()
-        with pytest.raises(ConfigError, match=f"'dora' cannot adapt: {target}"):
-            inject(model, AdapterConfig.create("dora", target_modules=[target]))
-        assert not adapters(model)
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.conv1 = nn.Conv1d(6, 5, 3, padding=1, bias=False)
+        self.conv3 = nn.Conv3d(5, 3, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens).transpose(1, 2)  # (B, 4, T)
+        h = self.conv2(h[..., None].expand(-1, -1, -1, 3)).mean(-1)  # (B, 6, T)
+        h = self.conv1(h)  # (B, 5, T)
+        return self.conv3(h[..., None, None].expand(-1, -1, -1, 2, 2))
+
+
+CONV_TARGETS = ["embed", "conv1", "conv2", "conv3"]
+
+
+def conv_pair(peft_targets: list[str] = CONV_TARGETS) -> tuple[nn.Module, nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("dora", r=2, alpha=4.0, target_modules=peft_targets))
+    randomize_adapters(ours, seed=3)
+    theirs = peft_model(base, r=2, lora_alpha=4.0, target_modules=peft_targets, use_dora=True)
+    ours_to_peft(ours, theirs)
+    return base, ours, theirs
+
+
+def test_conv_and_embedding_match_peft() -> None:
+    """Magnitude per output channel (conv, shaped (1, out, 1, ...) as PEFT's) and per embedding dimension (norm over
+    the vocabulary): the same outputs and gradients as PEFT's DoRA layers, and the model starts as its base."""
+    torch.manual_seed(0)
+    fresh = ConvNet().eval()
+    start = copy.deepcopy(fresh)
+    inject(start, AdapterConfig.create("dora", r=2, target_modules=CONV_TARGETS))
+    x = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(start(x), fresh(x), rtol=1e-5, atol=1e-6)
+    assert start.conv2.adapters["default"].lora_magnitude_vector.shape == (1, 6, 1, 1)
+    assert start.embed.adapters["default"].lora_magnitude_vector.shape == (4,)
+    base, ours, theirs = conv_pair()
+    got, expected = ours(x), theirs(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - base(x)).abs().max() > 1e-2
+    square_loss(got).backward()
+    square_loss(expected).backward()
+    for key, mine, reference in adapter_grads(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_conv_dropout_in_train_mode_matches_peft() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("dora", r=2, alpha=4.0, dropout=0.3, target_modules=["0"]))
+    randomize_adapters(ours, seed=4)
+    theirs = peft_model(base, r=2, lora_alpha=4.0, lora_dropout=0.3, target_modules=["0"], use_dora=True)
+    ours_to_peft(ours, theirs)
+    ours.train(), theirs.train()
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.manual_seed(9)
+        got = ours(x)
+        torch.manual_seed(9)
+        torch.testing.assert_close(got, theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_and_embedding_merge_unmerge_and_files(tmp_path) -> None:
+    from lightning_lora.io import load_adapter, save_adapter
+    from lightning_lora.surgery import merge, unmerge
+
+    base, ours, theirs = conv_pair()
+    x = token_batch()
+    weights = {path: layer.weight.detach().clone() for path, layer in adapters(ours).items()}
+    with torch.no_grad():
+        expected = ours(x)
+        merge(ours)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+        unmerge(ours)
+    for path, layer in adapters(ours).items():
+        torch.testing.assert_close(layer.weight, weights[path], rtol=0, atol=1e-7)
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    import peft
+
+    from_ours = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    from_peft = copy.deepcopy(base)
+    load_adapter(from_peft, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(from_ours(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(from_peft(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_and_embedding_fit_and_resume(tmp_path) -> None:
+    """A Trainer.fit with DoRA on the plain model's embedding and convolution lowers the loss, and resuming from a
+    checkpoint ends where an uninterrupted run does."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from tiny_modules import PlainModule, TokensDataModule, trainer
+
+    import lightning_lora as ll
+
+    def dora() -> ll.LoRACallback:
+        return ll.LoRACallback(method="dora", r=2, target_modules=["embed", "conv", "head"])
+
+    pl.seed_everything(0)
+    straight = PlainModule(lr=0.1)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer(tmp_path / "a", [dora(), Record()], max_epochs=4).fit(straight, TokensDataModule())
+    assert sum(losses[-8:]) < sum(losses[:8])
+    assert isinstance(straight.net.conv.adapters["default"], DoRAConvUpdate)
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer(tmp_path / "b", [dora(), checkpoint], max_epochs=2).fit(PlainModule(lr=0.1), TokensDataModule())
+    resumed = PlainModule(lr=0.1)
+    trainer(tmp_path / "b", [dora()], max_epochs=4).fit(resumed, TokensDataModule(), ckpt_path=checkpoint.last_model_path)
+    expected, actual = ll.adapter_state_dict(straight.net), ll.adapter_state_dict(resumed.net)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_dora_refuses_grouped_convolutions_before_changing_the_model() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ConfigError, match="grouped convolutions"):
+        inject(model, AdapterConfig.create("dora", r=2, target_modules=["0"]))
+    assert not adapters(model)
 
 
 def test_small_magnitude_changes_reach_a_bfloat16_output() -> None:
