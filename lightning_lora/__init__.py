@@ -8,8 +8,10 @@ from .combine import add_weighted_adapter
 from .config import AdapterConfig, BottleneckConfig, ConfigError, LoRAConfig
 from .export import export_merged, merged_state_dict
 from .fingerprint import base_fingerprint, compare_fingerprints
+from .hotswap import hotswap_adapter
 from .io import AdapterFileError, load_adapter, save_adapter
 from .methods.base import MergeError
+from .mixed import adapter_batch, clear_batch_adapters, set_batch_adapters
 from .quantize import Int4Config, Int8Config, NF4Config, quantize_base
 from .quantize_io import load_quantized
 from .quantize_merge import MergeReport, merge_quantized, merged_quantized_state_dict
@@ -46,16 +48,20 @@ __all__ = [
     "NF4Config",
     "QuantizedPrecision",
     "active_adapters",
+    "adapter_batch",
     "adapter_names",
     "adapter_state_dict",
     "adapters",
     "add_weighted_adapter",
     "delete_adapter",
     "set_active_adapters",
+    "set_batch_adapters",
     "base_fingerprint",
+    "clear_batch_adapters",
     "compare_fingerprints",
     "disable_adapters",
     "export_merged",
+    "hotswap_adapter",
     "inject",
     "load_adapter",
     "load_quantized",

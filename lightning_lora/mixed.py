@@ -1,0 +1,157 @@
+"""Mixed-adapter batches: each example of a batch names its adapter (or none), and one forward applies each
+example's own update, in training as in inference and ``generate``, without a loop over the batch.
+
+On each adapted layer the LoRA factors of the adapters in the batch are concatenated along the rank,
+``A = [A_1; ...; A_n]`` (R x in) and ``B = [B_1 ... B_n]`` (out x R), and a mask keeps, for each row, the rank columns
+of that row's adapter (times its scaling): ``out += ((x A^T) * mask) B^T``. That is two GEMMs of rank R = sum of the
+ranks instead of r, so the extra cost is that of an n-times wider LoRA (small beside the base GEMM), whatever the
+mix. Gradients flow only through each row's own columns, so every adapter gets exactly the gradient of its own
+examples. Other weight-update methods take a generic path (each adapter's update computed on the whole batch and
+selected per row: n update passes); methods that transform the base layer's input (OFT, BOFT, HRA) cannot mix.
+
+Rows are mapped to examples batch-major: a layer input of shape (batch * k, ...) or (batch, ...) (also a 2-D
+(tokens, features) one, flattened from (batch, seq, features)) gives example ``i`` its ``i``-th slice, which is also
+what ``generate`` does when it repeats examples for beams or several sequences per prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .methods.base import AdaptedLayer
+from .methods.lora import LoRAUpdate
+from .surgery import adapters, check_names
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names; None means the same
+
+
+class BatchRoute:
+    """The per-example adapters of one batch, as every ``AdaptedLayer.batch_route`` of the model holds them."""
+
+    def __init__(self, names: list[str], index: Tensor) -> None:
+        self.names = names  # the adapters in the batch; example i uses names[index[i]] (index -1: none)
+        self.index = index
+        self._on: dict[torch.device, Tensor] = {}
+        self.hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pre-hook on the model: its input's batch must be the examples named (or a multiple of them, as
+        ``generate`` repeats each example for beams)."""
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
+        if first is not None and first.shape[0] % self.index.shape[0]:
+            raise ConfigError(
+                f"{type(module).__name__} got a batch of {first.shape[0]} examples, but per-example adapters were "
+                f"given for {self.index.shape[0]}; give one adapter name (or None) per example of the batch."
+            )
+
+    def rows(self, count: int, device: torch.device) -> Tensor:
+        """The adapter index of each of ``count`` rows (examples batch-major, each repeated ``count / batch`` times)."""
+        index = self._on.get(device)
+        if index is None:
+            index = self._on[device] = self.index.to(device)
+        batch = index.shape[0]
+        if count % batch:
+            raise ConfigError(
+                f"A layer got {count} rows for a batch of {batch} examples with per-example adapters; the rows must be "
+                "the examples, batch-major (each repeated equally). Give one adapter name per example of the batch."
+            )
+        return index if count == batch else index.repeat_interleave(count // batch)
+
+    def __call__(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
+        present = [(k, layer.adapters[n]) for k, n in enumerate(self.names) if n in layer.adapters]
+        if not present:
+            return out
+        rows = self.rows(x.shape[0], x.device)
+        if layer.kind.family == "linear" and all(type(u) is LoRAUpdate for _, u in present):
+            return _lora_rows(x, out, present, rows)
+        for k, update in present:  # any other method: its update on every row, kept on its own rows
+            delta = update(layer, x, out.clone()) - out
+            keep = (rows == k).view(-1, *[1] * (out.dim() - 1)).to(out.dtype)
+            out = out + delta * keep
+        return out
+
+
+def _lora_rows(x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]], rows: Tensor) -> Tensor:
+    """``out`` plus each row's own LoRA update: two GEMMs over the concatenated factors and a row/rank mask."""
+    dtype = out.dtype
+    a = torch.cat([u.lora_A.weight.to(dtype) for _, u in present])  # (R, in)
+    b = torch.cat([u.lora_B.weight.to(dtype) for _, u in present], dim=1)  # (out, R)
+    owner = torch.cat([torch.full((u.r,), k, device=x.device) for k, u in present])
+    scale = torch.cat([torch.full((u.r,), u.scaling, device=x.device, dtype=dtype) for _, u in present])
+    mask = (rows.unsqueeze(1) == owner).to(dtype) * scale  # (rows, R)
+    hidden = F.linear(_dropout(x, present, rows), a) * mask
+    return out.addmm_(hidden, b.t())
+
+
+def _dropout(x: Tensor, present: list[tuple[int, LoRAUpdate]], rows: Tensor) -> Tensor:
+    """Each row's adapter's dropout on its input (one draw per row: a row meets one adapter only)."""
+    ps = {k: (u.lora_dropout.p if isinstance(u.lora_dropout, nn.Dropout) and u.lora_dropout.training else 0.0)
+          for k, u in present}
+    if not any(ps.values()):
+        return x
+    if len(set(ps.values())) == 1:
+        return F.dropout(x, next(iter(ps.values())), training=True)
+    table = torch.zeros(max(ps) + 2, device=x.device, dtype=x.dtype)  # index -1 (no adapter) reads the last entry
+    for k, p in ps.items():
+        table[k] = p
+    keep = (1 - table[rows]).unsqueeze(1)
+    return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None:
+    """Make each example ``i`` of the following forwards use adapter ``names[i]`` (None or ``"__base__"``: the base
+    alone), until ``clear_batch_adapters``. The model is unchanged on error (an unknown name, a merged adapter, a
+    method that cannot mix)."""
+    if isinstance(names, str) or not hasattr(names, "__len__") or not len(names):
+        raise ConfigError(f"Per-example adapters must be a list with one adapter name (or None) per example, got "
+                          f"{names!r}.")
+    wanted = [n for n in names if n is not None and n != BASE]
+    check_names(model, dict.fromkeys(wanted))
+    layers = [a for a in adapters(model).values() if isinstance(a, AdaptedLayer)]
+    in_batch = list(dict.fromkeys(wanted))
+    for layer in layers:
+        for name in in_batch:
+            update = layer.adapters[name] if name in layer.adapters else None
+            if update is None:
+                continue
+            if update.merged:
+                raise ConfigError(f"Adapter {name!r} is merged into the weights, so it would apply to every example; "
+                                  "unmerge(model) before a mixed-adapter batch.")
+            if getattr(update, "transforms_input", False):
+                raise ConfigError(f"Adapter {name!r} ({update.config.method}) transforms the base layer's input, which "
+                                  "cannot differ per example in one forward; mixed batches take additive methods "
+                                  "(LoRA on its fast path; DoRA, LoHa, LoKr, VeRA, ... on the generic one).")
+    position = {n: k for k, n in enumerate(in_batch)}
+    index = torch.tensor([position.get(n, -1) if n is not None else -1 for n in names], dtype=torch.long)
+    route = BatchRoute(in_batch, index)
+    clear_batch_adapters(model)
+    for layer in layers:
+        layer.batch_route = route
+    route.hook = model.register_forward_pre_hook(route.check_batch, with_kwargs=True)
+
+
+def clear_batch_adapters(model: nn.Module) -> None:
+    """Back to the active adapters for every example."""
+    for layer in adapters(model).values():
+        if isinstance(layer, AdaptedLayer) and layer.batch_route is not None:
+            if getattr(layer.batch_route, "hook", None) is not None:
+                layer.batch_route.hook.remove()
+                layer.batch_route.hook = None
+            layer.batch_route = None
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
+    """Inside the block, example ``i`` of each batch uses adapter ``names[i]`` (None: the base alone); see
+    ``set_batch_adapters``. Works for forward, backward and ``generate``."""
+    set_batch_adapters(model, names)
+    try:
+        yield model
+    finally:
+        clear_batch_adapters(model)

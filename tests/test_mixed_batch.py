@@ -1,0 +1,113 @@
+"""Mixed-adapter batches: each example names its adapter; one forward (and backward, and generate) applies each
+example's own update, equal to running each example with its adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import VOCAB, make_llama
+from lightning_lora import ConfigError, disable_adapters, inject, merge, set_active_adapters, unmerge
+from lightning_lora.mixed import adapter_batch, clear_batch_adapters, set_batch_adapters
+
+NAMES = ["a", None, "b", "c", "a", "__base__"]
+
+
+def three_adapters(dora: bool = False) -> nn.Module:
+    model = make_llama(0)
+    inject(model, dict(method="lora", r=2, target_modules=["q_proj", "v_proj"], init_weights=False), seed=1, name="a")
+    inject(model, dict(method="lora", r=4, alpha=3, target_modules=["v_proj", "down_proj"], init_weights=False),
+           seed=2, name="b")
+    inject(model, dict(method="dora" if dora else "lora", r=3, target_modules=["o_proj", "q_proj"],
+                       init_weights=False), seed=3, name="c")
+    return model
+
+
+def one_by_one(model: nn.Module, tokens: torch.Tensor, names: list) -> torch.Tensor:
+    """Each example alone with its adapter (or the base)."""
+    outs = []
+    for i, name in enumerate(names):
+        if name in (None, "__base__"):
+            with disable_adapters(model):
+                outs.append(model(tokens[i:i + 1]).logits)
+        else:
+            set_active_adapters(model, name)
+            outs.append(model(tokens[i:i + 1]).logits)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dora", [False, True])  # LoRA's fast path, and the generic path (one DoRA adapter)
+def test_mixed_forward_equals_each_example_with_its_adapter(dora: bool) -> None:
+    model = three_adapters(dora)
+    tokens = torch.randint(3, VOCAB, (len(NAMES), 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with adapter_batch(model, NAMES):
+            mixed = model(tokens).logits
+        expected = one_by_one(model, tokens, NAMES)
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
+    assert all(getattr(m, "batch_route", None) is None for m in model.modules())  # the block cleaned up
+
+
+def test_each_adapter_gets_the_gradient_of_its_own_examples_only() -> None:
+    model = three_adapters().train()
+    tokens = torch.randint(3, VOCAB, (len(NAMES), 7), generator=torch.Generator().manual_seed(1))
+    with adapter_batch(model, NAMES):
+        logits = model(tokens).logits
+    # summed over examples (not averaged), so that each example's gradient is the one it has alone
+    nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="sum").backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad()
+    separate: dict[str, torch.Tensor] = {}
+    for name in ("a", "b", "c"):
+        rows = [i for i, n in enumerate(NAMES) if n == name]
+        set_active_adapters(model, name)
+        out = model(tokens[rows]).logits
+        nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), tokens[rows][:, 1:].reshape(-1),
+                                    reduction="sum").backward()
+        separate.update({n: p.grad.clone() for n, p in model.named_parameters()
+                         if p.grad is not None and f".adapters.{name}." in n})
+        model.zero_grad()
+    assert mixed.keys() == separate.keys() and len(mixed) > 0
+    for key in mixed:
+        torch.testing.assert_close(mixed[key], separate[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_generate_uses_each_examples_adapter() -> None:
+    model = three_adapters()
+    prompts = torch.randint(3, VOCAB, (4, 5), generator=torch.Generator().manual_seed(2))
+    names = ["c", "a", None, "b"]
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with adapter_batch(model, names):
+        mixed = model.generate(prompts, **options)
+        beams = model.generate(prompts, num_beams=2, **options)  # examples repeated per beam, batch-major
+    for i, name in enumerate(names):
+        if name is None:
+            with disable_adapters(model):
+                alone, alone_beams = model.generate(prompts[i:i + 1], **options), model.generate(
+                    prompts[i:i + 1], num_beams=2, **options)
+        else:
+            set_active_adapters(model, name)
+            alone, alone_beams = model.generate(prompts[i:i + 1], **options), model.generate(
+                prompts[i:i + 1], num_beams=2, **options)
+        assert torch.equal(mixed[i], alone[0]) and torch.equal(beams[i], alone_beams[0])
+
+
+def test_bad_mixed_batches_are_refused() -> None:
+    model = three_adapters()
+    tokens = torch.randint(3, VOCAB, (2, 5))
+    with pytest.raises(ConfigError, match="no adapter named 'zz'"):
+        set_batch_adapters(model, ["a", "zz"])
+    with pytest.raises(ConfigError, match="batch of 2 examples.*given for 3"):
+        with adapter_batch(model, ["a", "b", "c"]):
+            model(tokens)
+    with pytest.raises(ConfigError, match="one adapter name"):
+        set_batch_adapters(model, "a")
+    merge(model, names=["b"])
+    with pytest.raises(ConfigError, match="merged"):
+        set_batch_adapters(model, ["a", "b"])
+    unmerge(model)
+    assert all(getattr(m, "batch_route", None) is None for m in model.modules())
+    set_batch_adapters(model, ["a", "b"])
+    clear_batch_adapters(model)
+    assert not model._forward_pre_hooks  # the batch check went with it
