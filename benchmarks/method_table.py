@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Every registered method on one tiny Llama, on the CPU: trainable parameters and mean training step time.
+
+Iterates ``lightning_lora.methods.registry.METHODS`` with each method's default options (so methods added later
+appear without changes here), trains through a real ``Trainer.fit`` with ``LoRACallback(method=...)`` (so methods
+that hook the training loop, such as AdaLoRA's budget or LoRA+'s optimizer groups, run as users run them), and times
+each optimizer step after a warm-up. A full fine-tuning row (no adapter, every weight trained) is the yardstick.
+A method that cannot run on this model with its defaults gets a row that says why.
+
+    python benchmarks/method_table.py                 # the Markdown table on stdout
+    python benchmarks/method_table.py --steps 20 --only lora,loha,vera
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.methods.registry import METHODS  # noqa: E402
+from lightning_lora.surgery import parameter_counts  # noqa: E402
+
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 512, 128, 344, 4, 4, 2
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    """A Llama-like decoder from a config (no download): d x k weights of 128 x 128, 64 x 128, 344 x 128 and the
+    transposes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
+class Module(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_model()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training batch (forward, backward, optimizer step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(method: str | None, steps: int, warmup: int, batch: torch.Tensor) -> tuple[int, int, list[float]]:
+    """(trainable, total) parameters and the timed steps of one method (None: full fine-tuning)."""
+    module, timer = Module(), StepTimer()
+    callbacks: list = [timer]
+    with tempfile.TemporaryDirectory() as tmp:
+        if method is not None:
+            callbacks.append(ll.LoRACallback(method=method, export_dir=tmp, export_merged=False))
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=warmup + steps, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp, callbacks=callbacks)
+        trainer.fit(module, DataLoader(batch, batch_size=len(batch) // (warmup + steps)))
+    trainable, total = parameter_counts(module.model)
+    return trainable, total, timer.times[warmup:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier timings)")
+    parser.add_argument("--only", default="", help="comma-separated method names (default: all registered)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(0, verbose=False)
+    count = (args.warmup + args.steps) * args.batch
+    batch = torch.randint(3, VOCAB, (count, args.length), generator=torch.Generator().manual_seed(0))
+    methods = [m for m in METHODS if not args.only or m in args.only.split(",")]
+
+    rows = []
+    for method in [None, *methods]:
+        quiet()
+        name = "full fine-tuning" if method is None else method
+        merge = "-" if method is None else ("yes" if METHODS[method].mergeable else "no")
+        try:
+            trainable, total, times = run(method, args.steps, args.warmup, batch)
+        except Exception as err:  # a row that says why, not a crash of the whole table
+            reason = str(err).split(". ")[0].replace("|", "/")[:110]
+            rows.append(f"| {name} | {merge} | - | - | not run: {type(err).__name__}: {reason} |")
+            continue
+        spread = statistics.stdev(times) * 1e3 if len(times) > 1 else 0.0
+        rows.append(f"| {name} | {merge} | {trainable:,} | {100 * trainable / total:.2f} | "
+                    f"{statistics.mean(times) * 1e3:.1f} ± {spread:.1f} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    print(f"Tiny Llama ({LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocabulary {VOCAB}), batch "
+          f"{args.batch} x {args.length} tokens, CPU, {args.threads} thread(s), torch {torch.__version__}; each "
+          f"method's default options; mean of {args.steps} steps after {args.warmup} warm-up steps.\n")
+    print("| method | mergeable | trainable parameters | % of model | step time (ms) |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+def quiet() -> None:
+    """Lightning's and our INFO lines (set up as runs start) would interleave with the table: errors only."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "pytorch_lightning", "lightning_lora")):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    main()
