@@ -54,6 +54,9 @@ def base_fingerprint(model: nn.Module, samples: int = SAMPLES) -> str:
     from .surgery import adapters, base_state_dict
 
     layers = {f"{p}.weight" if p else "weight": a for p, a in adapters(model).items() if isinstance(a, AdaptedLayer)}
+    # quantized layers without an adapter (quantize.FrozenQuantizedLinear) keep their original weight's sample too
+    layers.update({f"{p}.weight": m for p, m in model.named_modules() if getattr(m, "source_sample", None) is not None
+                   and p and f"{p}.weight" not in layers})
     structure, legacy = hashlib.sha256(), hashlib.sha256()
     tensors = []
     for key, tensor in sorted(base_state_dict(model).items()):

@@ -36,6 +36,22 @@ log = logging.getLogger(__name__)
 
 
 # -- formats ---------------------------------------------------------------------------------------------------------
+MODULES = ("adapted", "all-linear")
+
+
+def _modules_field() -> Any:
+    """``modules``, an option of every format: which frozen linear layers to quantize. ``adapted`` (default): the base
+    of each adapted ``nn.Linear``; ``all-linear``: also every frozen ``nn.Linear`` without an adapter (QLoRA quantizes
+    the whole base), except the output layer (``get_output_embeddings``) and tied weights."""
+    return dataclasses.field(default="adapted", kw_only=True)
+
+
+def _check_modules(config: Any) -> None:
+    if config.modules not in MODULES:
+        raise ConfigError(f"{type(config).__name__}(modules={config.modules!r}): use 'adapted' (the adapted layers' "
+                          "base) or 'all-linear' (every frozen nn.Linear but the output layer).")
+
+
 @dataclasses.dataclass(frozen=True)
 class NF4Config:
     """4-bit NormalFloat (QLoRA's format, torchao ``NF4Tensor``): each ``block_size`` weights share one absmax scale.
@@ -49,9 +65,11 @@ class NF4Config:
     block_size: int = 64
     scaler_block_size: int = 256
     double_quantization: bool = True
+    modules: str = _modules_field()
     format = "nf4"
 
     def __post_init__(self) -> None:
+        _check_modules(self)
         for name in ("block_size", "scaler_block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -67,7 +85,11 @@ class NF4Config:
 class Int8Config:
     """int8 weight-only, one symmetric scale per output row (torchao ``Int8WeightOnlyConfig``)."""
 
+    modules: str = _modules_field()
     format = "int8"
+
+    def __post_init__(self) -> None:
+        _check_modules(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +105,11 @@ class Int4Config:
 
     group_size: int = 128
     packing: str = "auto"
+    modules: str = _modules_field()
     format = "int4"
 
     def __post_init__(self) -> None:
+        _check_modules(self)
         if self.packing not in ("auto", "packed", "tile_packed", "intx"):
             raise ConfigError(f"Int4Config(packing={self.packing!r}): use 'auto' (= 'packed'), 'intx' or 'tile_packed'.")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0 \
@@ -313,9 +337,7 @@ class FrozenQuantizedLinear(nn.Module):
 def _quantizable_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, AdaptedLayer]:
     """The adapted layers to quantize (already quantized ones left out), after checking every one of them, so that
     an error leaves the model unchanged."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
+    owners = _owners(model)
     todo, problems = {}, []
     for path, layer in adapters(model).items():
         if not isinstance(layer, AdaptedLayer):
@@ -349,11 +371,42 @@ def _quantizable_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, A
     return todo
 
 
+def _frozen_linears(model: nn.Module, config: QuantizeConfig, owners: dict[int, list[str]]) -> dict[str, nn.Linear]:
+    """For ``modules="all-linear"``: the frozen ``nn.Linear`` layers without an adapter, checked like adapted ones."""
+    from .methods.base import InsertedAdapter
+
+    output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    inside = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, (AdaptedLayer, InsertedAdapter)))
+    todo, problems = {}, []
+    for path, module in model.named_modules():
+        if type(module) is not nn.Linear or module is output or path.startswith(inside):
+            continue
+        if any(p.requires_grad for p in module.parameters()) or len(owners.get(id(module.weight), [])) > 1:
+            continue  # trained or tied: not part of the frozen base that QLoRA quantizes
+        why = HANDLERS[type(config)].check(tuple(module.weight.shape), config)
+        if why is not None:
+            problems.append(f"{path} {tuple(module.weight.shape)}: {why}")
+        todo[path] = module
+    if problems:
+        raise ConfigError(f"Cannot quantize the base to {config}: " + "; ".join(problems[:4])
+                          + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+                          + ". Use modules='adapted' to quantize only the adapted layers.")
+    return todo
+
+
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return owners
+
+
 @torch.no_grad()
 def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
                   device: Union[str, torch.device, None] = None) -> list[str]:
-    """Quantize the frozen base weight of every adapted ``nn.Linear`` in ``model`` to ``config``'s format, in place;
-    returns the paths converted. Adapters stay float32; an untrained DoRA magnitude restarts from the quantized
+    """Quantize the frozen base weight of every adapted ``nn.Linear`` in ``model`` to ``config``'s format, in place
+    (with ``modules="all-linear"`` also every frozen ``nn.Linear`` without an adapter, which becomes a
+    ``FrozenQuantizedLinear``); returns the paths converted. Adapters stay float32; an untrained DoRA magnitude restarts from the quantized
     weight's norms (``WeightUpdate.after_base_replaced``), so the adapted model still equals its base at step 0.
 
     Layer by layer: each weight is moved to ``device`` (default: where it is), quantized there and replaces the
@@ -365,12 +418,23 @@ def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
     config = as_quantize_config(config)
     _register_dequantizers()
     todo = _quantizable_layers(model, config)
+    frozen = _frozen_linears(model, config, _owners(model)) if config.modules == "all-linear" else {}
     handler = HANDLERS[type(config)]
+    for path, linear in frozen.items():
+        source = linear.weight
+        layer = FrozenQuantizedLinear(linear, handler.quantize(source.detach().to(device or source.device), config))
+        layer.source_sample = fingerprint.sample(source)
+        layer.quantization = config
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, layer)
+        del source, linear
+        log.debug("lightning_lora: quantized %s (no adapter) to %s", path, config)
     for path, layer in todo.items():
         source = layer.weight
         quantized = nn.Parameter(handler.quantize(source.detach().to(device or source.device), config),
                                  requires_grad=False)
-        layer.source_sample = fingerprint.sample(source)  # the base fingerprint stays the full-precision one's
+        if getattr(layer, "source_sample", None) is None:  # PiSSA/OLoRA keep the sample of the weight before them
+            layer.source_sample = fingerprint.sample(source)  # the base fingerprint stays the full-precision one's
         layer.weight = quantized
         layer.original_module.weight = quantized  # the original module must not keep the dense weight alive
         layer.base_op = quantized_linear
@@ -378,7 +442,12 @@ def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
         for update in layer.adapters.values():
             update.after_base_replaced(layer)
         log.debug("lightning_lora: quantized %s to %s", path, config)
-    return list(todo)
+    return [*todo, *frozen]
+
+
+def quantized_weight_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s quantized parameters (adapted or not)."""
+    return [name for name, param in model.named_parameters() if is_quantized(param)]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, AdaptedLayer]:

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .quantize import FrozenQuantizedLinear, _register_dequantizers, is_quantized
+from . import fingerprint
+from .quantize import FrozenQuantizedLinear, _register_dequantizers, dequantize, is_quantized
 
 QUANTIZED_KEY = "lightning_lora.quantized"  # safetensors metadata: {key: {"type", "inner", "attributes", "shape"}}
 SEPARATOR = "::"
@@ -160,7 +161,9 @@ def load_quantized(path: Union[str, Path], model: Optional[nn.Module] = None,
         module = model.get_submodule(path_) if leaf == "weight" else None
         if type(module) is nn.Linear and tuple(module.weight.shape) == tuple(weight.shape):
             parent, _, name = path_.rpartition(".")
-            setattr(model.get_submodule(parent), name, FrozenQuantizedLinear(module, weight))
+            layer = FrozenQuantizedLinear(module, weight)
+            layer.source_sample = fingerprint.sample(dequantize(weight))  # what base_fingerprint reads
+            setattr(model.get_submodule(parent), name, layer)
         elif not isinstance(module, FrozenQuantizedLinear):
             problems.append(f"{key} ({tuple(weight.shape)}) is quantized, but the model's {path_} is "
                             f"{type(module).__name__ if module is not None else 'missing'}")

@@ -26,14 +26,17 @@ class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
     quantized in ``convert_module``, after that precision's own cast.
 
     The adapters must exist by then: add ``LoRACallback`` (which injects in ``setup``) or inject them yourself. A
-    plugin replaces the Trainer's ``precision=`` argument, hence ``precision`` here. Weights are quantized where they
-    are (usually the CPU) and then moved; ``LoRACallback(quantize=...)`` does the same on the device, keeps the
-    Trainer's ``precision=`` and takes no plugin slot (Lightning's FSDP accepts only its own, #20855), so prefer it.
+    plugin replaces the Trainer's ``precision=`` argument, hence ``precision`` here. ``LoRACallback(quantize=...)``
+    does the same step on the strategy's device, keeps the Trainer's ``precision=`` and takes no plugin slot
+    (Lightning's FSDP accepts only its own, #20855), so prefer it.
 
     Args:
         quantize: the format: nf4, int8 or int4, or a dict with format and its options (``lightning_lora.quantize``).
         precision: the precision to train in, as the Trainer's ``precision=`` (default 32-true).
-        device: for mixed precision, the autocast device type (default: cuda when available, else cpu).
+        device: the training device type, cuda or cpu: each base weight is moved there, quantized and kept, one
+            layer at a time (on the current CUDA device, which the strategy has set), so the full-precision base
+            never sits on the GPU at once; and the autocast device of mixed precision. None: weights are quantized
+            where they are, and autocast uses cuda when available.
     """
 
     def __new__(cls, quantize: Union[str, dict[str, Any]], precision: str = "32-true",
@@ -51,6 +54,7 @@ class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
             super().__init__(precision)
         else:
             super().__init__()
+        self.quantize_device = device
         config = as_quantize_config(quantize)
         if config is None:
             raise ConfigError("QuantizedPrecision(quantize=None) would quantize nothing; pass a format such as 'nf4', "
@@ -60,14 +64,20 @@ class QuantizedPrecision(*PRECISION_BASES):  # type: ignore[misc]
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         module = super().convert_module(module)  # a true-half cast first: it would dequantize an NF4 weight
-        converted = quantize_base(module, self.quantize)
+        device = None
+        if self.quantize_device is not None:
+            device = torch.device(self.quantize_device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+        converted = quantize_base(module, self.quantize, device=device)
         if not quantized_layers(module):
             raise ConfigError(
                 f"QuantizedPrecision found no adapted nn.Linear in {type(module).__name__} to quantize: the adapter "
                 "must be injected before the strategy sets up (add LoRACallback to the Trainer's callbacks, or call "
                 "lightning_lora.inject in your LightningModule's __init__ or configure_model)."
             )
-        rank_zero_info(f"lightning_lora: base of {len(converted)} adapted layers quantized to {self.quantize}")
+        rank_zero_info(f"lightning_lora: {len(converted)} base layers quantized to {self.quantize}"
+                       + (f" on {device}, one at a time" if device is not None else ""))
         skip_in_ddp_broadcast(module, module)
         return module
 

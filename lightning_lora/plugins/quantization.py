@@ -17,7 +17,7 @@ from typing import Any
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import nn
 
-from lightning_lora.quantize import QuantizeConfig, quantize_base, quantized_layers
+from lightning_lora.quantize import QuantizeConfig, quantize_base, quantized_weight_names
 
 
 def quantize_for_strategy(trainer: Any, pl_module: nn.Module, root: nn.Module, config: QuantizeConfig) -> list[str]:
@@ -25,7 +25,7 @@ def quantize_for_strategy(trainer: Any, pl_module: nn.Module, root: nn.Module, c
     device = trainer.strategy.root_device
     converted = quantize_base(root, config, device=device)
     if converted:
-        rank_zero_info(f"lightning_lora: base of {len(converted)} adapted layers quantized to {config} on {device}")
+        rank_zero_info(f"lightning_lora: {len(converted)} base layers quantized to {config} on {device}, one at a time")
     skip_in_ddp_broadcast(pl_module, root)
     return converted
 
@@ -35,6 +35,6 @@ def skip_in_ddp_broadcast(pl_module: nn.Module, root: nn.Module) -> None:
     (``_ddp_params_and_buffers_to_ignore``): every rank quantized the same base the same way, and the broadcast would
     need collectives the tensor subclasses lack."""
     prefix = {id(m): name for name, m in pl_module.named_modules()}.get(id(root), "")
-    names = [f"{prefix}.{path}.weight" if prefix else f"{path}.weight" for path in quantized_layers(root)]
+    names = [f"{prefix}.{name}" if prefix else name for name in quantized_weight_names(root)]
     ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
     pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
