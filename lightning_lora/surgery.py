@@ -104,6 +104,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name not in layer.adapters:
             continue
         layer.unmerge([name])
+        layer.adapters[name].on_detach(layer)
         del layer.adapters[name]
         if not layer.adapters:
             _set_submodule(model, path, layer.unwrap())
@@ -320,6 +321,8 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             adapter.unmerge()  # a no-op for inserted adapters that cannot merge
     for path, adapter in found.items():
         if isinstance(adapter, AdaptedLayer):
+            for update in adapter.adapters.values():
+                update.on_detach(adapter)  # PiSSA/OLoRA give back the part of the base they took (if unmerged)
             adapter.exact_base = None
             _set_submodule(model, path, adapter.unwrap())
         else:

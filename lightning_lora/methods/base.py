@@ -145,8 +145,9 @@ class WeightUpdate(nn.Module):
         """The layer was just put into the model (``surgery.attach``): an update that moves part of the base into
         itself (PiSSA/OLoRA) changes the base weight here, never while the model is only being prepared."""
 
-    def before_unwrap(self, layer: AdaptedLayer) -> None:
-        """The layer is about to give the original module back (``unload``): undo what ``on_attach`` did."""
+    def on_detach(self, layer: AdaptedLayer) -> None:
+        """The update is leaving the model for good (``unload``, ``delete_adapter``; never a temporary unwrap): undo
+        what ``on_attach`` did to the base weight."""
 
     def file_tensors(self) -> dict[str, Tensor]:
         """This update's tensors as an adapter file holds them, named relative to the update: its parameters and
@@ -365,8 +366,6 @@ class AdaptedLayer(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """The original module, holding this layer's current weight and bias."""
-        for update in self.adapters.values():
-            update.before_unwrap(self)
         base = self.original_module
         base.weight = self.weight
         if self.bias is not None:

@@ -76,7 +76,7 @@ class ResidualLoRAUpdate(LoRAUpdate):
         self._shift_base(layer, -self.init_delta())
         object.__setattr__(self, "_layer", layer)
 
-    def before_unwrap(self, layer: AdaptedLayer) -> None:
+    def on_detach(self, layer: AdaptedLayer) -> None:
         """Unmerged: W_res + s B0 A0 gives the original weight back (up to rounding). Merged, the weight already is
         W_res + s B A = W + the trained update, which is what a merged unload means."""
         if not self.merged and self._layer is layer:

@@ -206,3 +206,39 @@ def test_fit_resume_and_merged_export(tmp_path: Path) -> None:
         torch.testing.assert_close(logits(merged, tokens()), logits(theirs, tokens()), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(logits(straight.model.eval(), tokens()), logits(theirs, tokens()), rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_second_adapter_and_delete_keep_the_residual_right() -> None:
+    """Adding another named adapter (which swaps the original modules in for targeting) leaves the residual base as
+    it is; deleting the PiSSA adapter gives the base its principal part back."""
+    base = make_llama()
+    model = adapted(base, "pissa", ["q_proj"])
+    train_a_little(model)
+    with torch.no_grad():
+        expected = logits(model, tokens())
+    inject(model, AdapterConfig.create("lora", r=2, target_modules=["q_proj"]), seed=1, name="other")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model, tokens()), expected, rtol=1e-6, atol=1e-6)
+    ll.delete_adapter(model, "default")
+    for path, layer in adapters(model).items():
+        torch.testing.assert_close(layer.weight, base.get_submodule(path).weight, rtol=0, atol=1e-6)
+
+
+def test_quantized_residual_keeps_the_original_fingerprint() -> None:
+    """QPiSSA: the residual is what gets quantized; the base fingerprint stays the original full-precision one."""
+    base = make_llama()
+    model = adapted(base, "pissa", ["q_proj"])
+    ll.quantize_base(model, {"format": "nf4", "scaler_block_size": 16})
+    assert base_fingerprint(model) == base_fingerprint(base)
+
+
+def test_cli_parses_the_init(tmp_path: Path) -> None:
+    from lightning_lora.cli import build_cli
+
+    cli = build_cli(["fit", "--model=tiny_modules.TinyLlamaModule", "--data=tiny_modules.TokensDataModule",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--lora.r=2",
+                     "--lora.init_weights=pissa", "--lora.target_modules=[q_proj]"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
+    assert callback.config.init_weights == "pissa"
+    assert all(isinstance(a.adapters["default"], ResidualLoRAUpdate) for a in adapters(cli.model.model).values())
