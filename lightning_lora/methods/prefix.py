@@ -83,6 +83,20 @@ def _cache_keyword(model: nn.Module) -> Optional[str]:
     return next((n for n in ("cache", "past_key_values") if n in parameters), None)
 
 
+CHECKPOINTING = (
+    "prefix tuning passes its prefix through the key/value cache, which transformers' gradient checkpointing drops "
+    "inside checkpointed layers (the prefix would be silently ignored); turn gradient checkpointing off "
+    "(model.gradient_checkpointing_disable()) or use prompt tuning, llama_adapter or lora."
+)
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` (a transformers model) has gradient checkpointing on."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 class PrefixEncoder(InsertedAdapter):
     """The key/value prefix of every layer (PEFT's ``PrefixEncoder``: ``embedding`` and, projected, ``transform``)."""
 
@@ -121,6 +135,8 @@ class PrefixEncoder(InsertedAdapter):
         return [(states[2 * i], states[2 * i + 1]) for i in range(self.num_layers)]
 
     def rewrite_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        if module.training and torch.is_grad_enabled() and checkpointing(module):
+            raise RuntimeError(CHECKPOINTING)
         call = keyword_arguments(module, args, kwargs)
         cache = call.pop("past_key_values", None) if self.cache_keyword == "cache" else None
         cache = call.get(self.cache_keyword, cache)
@@ -162,6 +178,8 @@ def build_prefix(model: nn.Module, config: PrefixConfig, path: str) -> PrefixEnc
     if getattr(text, "is_encoder_decoder", False):
         raise ConfigError(f"{type(model).__name__} is an encoder-decoder model; prefix tuning here supports decoder-only "
                           "models.")
+    if checkpointing(model):
+        raise ConfigError(CHECKPOINTING)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

@@ -108,3 +108,26 @@ def test_cli_options(tmp_path: Path) -> None:
     (callback,) = lora_callbacks(cli)
     assert callback.config == AdapterConfig.create("llama_adapter", adapter_len=3, adapter_layers=1)
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method,options", [("llama_adapter", {"adapter_len": 3}), ("prompt", {"num_virtual_tokens": 2})])
+def test_gradients_with_gradient_checkpointing(method: str, options: dict) -> None:
+    """The hook runs again when the checkpointed layer is recomputed (LLaMA-Adapter); the soft prompt is an input
+    that requires grad (prompt tuning): the adapter gradients are the same with checkpointing on."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        inject(model, AdapterConfig.create(method, **options), seed=0)
+        with torch.no_grad():
+            for adapter in adapters(model).values():
+                if isinstance(adapter, AdaptionPrompt):
+                    adapter.adaption_gate.fill_(0.5)
+        model.train()
+        ids, mask = batch()
+        outputs(model, ids, mask)[1].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g.abs().max() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)

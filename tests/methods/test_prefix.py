@@ -132,3 +132,24 @@ def test_cli_options(tmp_path: Path) -> None:
     assert callback.config == AdapterConfig.create("prefix", num_virtual_tokens=2, prefix_projection=True,
                                                    encoder_hidden_size=8)
     assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_is_refused_not_ignored() -> None:
+    """transformers drops the cache inside checkpointed layers, which would silently drop the prefix."""
+    model = make_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_bad_option(lambda: model, "prefix", {}, "drops inside checkpointed layers")
+    model.gradient_checkpointing_disable()
+    inject(model, AdapterConfig.create("prefix", num_virtual_tokens=2))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, mask = batch()
+    with pytest.raises(RuntimeError, match="turn gradient checkpointing off"):
+        outputs(model, ids, mask)
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The model-level adapter (path "") goes through the callback's trimmed checkpoints and resumes exactly."""
+    from update_checks import check_resume_matches_uninterrupted_run
+
+    check_resume_matches_uninterrupted_run(tmp_path, method="prefix", num_virtual_tokens=2)
