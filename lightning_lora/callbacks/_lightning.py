@@ -15,7 +15,7 @@ from lightning_utilities.core.overrides import is_overridden as _is_overridden
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn  # shared by both packages
 
 __all__ = ["PACKAGES", "CALLBACK_BASES", "CHECKPOINT_IO_BASES", "is_overridden", "is_torch_checkpoint_io",
-           "unsupported_strategy", "rank_zero_info", "rank_zero_warn"]
+           "unsupported_strategy", "is_model_parallel", "rank_zero_info", "rank_zero_warn"]
 
 
 def _import(name: str) -> Optional[ModuleType]:
@@ -51,12 +51,21 @@ def is_torch_checkpoint_io(io: Any) -> bool:
     return isinstance(io, _TORCH_CHECKPOINT_IO)
 
 
-def unsupported_strategy(strategy: Any) -> Optional[str]:
-    """The class name of ``strategy`` if it shards parameters (FSDP, DeepSpeed, ModelParallel), else None."""
-    names = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+def _strategy_name(strategy: Any, names: tuple[str, ...]) -> Optional[str]:
     for pl in PACKAGES:
         for name in names:
             cls = getattr(pl.strategies, name, None)
             if cls is not None and isinstance(strategy, cls):
                 return name
     return None
+
+
+def unsupported_strategy(strategy: Any) -> Optional[str]:
+    """The class name of ``strategy`` if the callback does not support it (FSDP1's ``FSDPStrategy``, DeepSpeed), else
+    None. ``ModelParallelStrategy`` (FSDP2) is supported: see ``is_model_parallel``."""
+    return _strategy_name(strategy, ("FSDPStrategy", "DeepSpeedStrategy"))
+
+
+def is_model_parallel(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``ModelParallelStrategy`` (FSDP2 / DTensor), of either package."""
+    return _strategy_name(strategy, ("ModelParallelStrategy",)) is not None

@@ -1,0 +1,84 @@
+"""``LoRACallback`` under Lightning's ``ModelParallelStrategy`` (FSDP2): adapter-only checkpoints that any world size
+resumes.
+
+Lightning's FSDP2 strategy gathers the *whole* model for a full checkpoint (``get_model_state_dict``) or writes every
+rank's shard of it (distributed checkpoint), and reloads with the same structure. With a frozen base neither is
+wanted: the checkpoint should hold the adapter and its optimizer state only. ``use_adapter_checkpoints`` replaces four
+methods on the strategy *instance* (never its class; ``remove_adapter_checkpoints`` takes them off in ``teardown``):
+
+- ``lightning_module_state_dict``: the trainable tensors only, gathered one at a time (``distributed.trainable_state``);
+- ``optimizer_state``: the optimizer's state gathered into the layout one process writes;
+- ``save_checkpoint``: one ``.ckpt`` file written by rank zero through the strategy's ``checkpoint_io`` (the callback's
+  ``AdapterCheckpointIO``: atomic, trimmed), whatever ``save_distributed_checkpoint`` says, since it is adapter-sized;
+  then ``after_save`` on every rank (the export of that step, which gathers);
+- ``load_checkpoint``: such a file (from any world size or strategy): checked, then each rank copies its shards in;
+  the optimizer state waits for ``on_fit_start`` (after the frozen parameters left the optimizer).
+
+So a run saved on 2 GPUs resumes on 1 (any strategy reads the file) and back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lightning_lora import distributed
+
+_METHODS = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
+
+
+def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], check: Callable[[dict], None],
+                            after_save: Callable[[], None], pending_optimizer_states: Callable[[list], None]) -> None:
+    """Make ``strategy`` (a ``ModelParallelStrategy``) save and load adapter-only checkpoints (module docstring).
+
+    ``frozen_keys()``: the LightningModule's state keys left out; ``check(checkpoint)`` refuses a checkpoint of another
+    adapter before anything is loaded; ``after_save()`` runs on every rank once the file is written;
+    ``pending_optimizer_states(states)`` keeps the optimizer states until the optimizers hold only trainable
+    parameters."""
+
+    def lightning_module_state_dict() -> dict[str, Any]:
+        return distributed.trainable_state(strategy.lightning_module, frozen_keys())
+
+    def optimizer_state(optimizer: Any) -> dict[str, Any]:
+        return distributed.optimizer_state(getattr(optimizer, "_optimizer", optimizer))
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        path = strategy.broadcast(filepath)
+        if strategy.is_global_zero:
+            strategy.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        strategy.barrier("lightning_lora_checkpoint")
+        after_save()
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(strategy.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a distributed (sharded) checkpoint directory; LoRACallback writes and resumes adapter-only "
+                "checkpoints, one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or "
+                "load the adapter with lightning_lora.load_adapter and start a new fit."
+            )
+        checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        check(checkpoint)
+        distributed.load_trainable(strategy.lightning_module, checkpoint["state_dict"])
+        pending_optimizer_states(checkpoint.get("optimizer_states", []))
+        return checkpoint
+
+    for name, method in zip(_METHODS, (lightning_module_state_dict, optimizer_state, save_checkpoint, load_checkpoint)):
+        strategy.__dict__[name] = method
+
+
+def remove_adapter_checkpoints(strategy: Any) -> None:
+    for name in _METHODS:
+        strategy.__dict__.pop(name, None)
+
+
+def data_parallel_group(strategy: Any) -> Any:
+    """The process group over which replicated adapters' gradients are averaged (the data-parallel mesh dimension)."""
+    mesh = getattr(strategy, "device_mesh", None)
+    return mesh["data_parallel"].get_group() if mesh is not None else None
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size a ``ModelParallelStrategy`` will use (``"auto"`` is the number of local devices)."""
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    return strategy.num_processes if size == "auto" else int(size)
