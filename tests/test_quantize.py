@@ -81,10 +81,11 @@ def test_quantized_linear_backward_is_the_transposed_product() -> None:
     torch.testing.assert_close(QuantizedLinear.apply(x.float(), quantized), x.float() @ dequantize(quantized).T)
 
 
-def test_bfloat16_base_and_compile_without_graph_breaks() -> None:
+@pytest.mark.parametrize("name", ["nf4", "int4"])  # int4: our packed layout, dequantized by plain tensor ops
+def test_bfloat16_base_and_compile_without_graph_breaks(name: str) -> None:
     model = make_llama().to(torch.bfloat16)
     ll.inject(model, LORA, seed=1)
-    quantize_base(model, NF4)
+    quantize_base(model, FORMATS[name])
     layer = model.model.layers[0]
     x = torch.randn(2, 12, 32, dtype=torch.bfloat16)
     embeddings = model.model.rotary_emb(x, torch.arange(12)[None])
