@@ -177,6 +177,9 @@ class _WithWeight:
         self.weight, self.bias, self.original_module = weight, layer.bias, layer.original_module
 
 
+_PLAIN_INPUTS = frozenset({"enabled", "active_adapters", "batch_route", "exact_base", "base_op"})  # see _plain_state
+
+
 class AdaptedLayer(nn.Module):
     """A base layer with weight updates, in the model in place of that layer.
 
@@ -207,7 +210,31 @@ class AdaptedLayer(nn.Module):
         self.batch_route: Optional[Callable[[AdaptedLayer, Tensor, Tensor], Tensor]] = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():  # compiled, this check would only add guards; the graph is the same
+            plain = self.__dict__.get("_plain")
+            if plain is None or plain[1] != len(self._modules["adapters"]):
+                plain = self._plain_state()
+            if plain[0]:  # every active adapter merged, or all off: the base op alone, as the base layer runs it
+                return F.linear(x, self.weight, self.bias)
         return self._run(x, self.enabled)
+
+    def _plain_state(self) -> tuple[bool, int]:
+        """Whether ``forward`` is exactly ``F.linear`` on ``weight`` (an ``nn.Linear`` base whose active adapters are
+        all merged, or disabled with nothing merged), and the adapter count it was computed for; kept until an
+        attribute it reads is set (``__setattr__``), a merge changes, or an adapter is added or removed."""
+        if self.enabled:
+            plain = self.batch_route is None and all(
+                self.adapters[n].merged for n in self.active_names() if n in self.adapters)
+        else:
+            plain = self.exact_base is None
+        state = (plain and self.base_op is _linear, len(self.adapters))
+        self.__dict__["_plain"] = state
+        return state
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _PLAIN_INPUTS:
+            self.__dict__.pop("_plain", None)
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The base layer's output without any update: with the exact base weight when adapters are merged."""
@@ -238,8 +265,9 @@ class AdaptedLayer(nn.Module):
     def _base_input(self, x: Tensor) -> Tensor:
         """``x`` through the input transforms of the active unmerged updates (multiplicative methods); else ``x``."""
         if self.batch_route is None:
+            updates = self._modules["adapters"]._modules  # not nn.Module.__getattr__: this runs in every forward
             for name in self.active_names():
-                update = self.adapters[name] if name in self.adapters else None
+                update = updates.get(name)
                 if update is not None and update.transforms_input and not update.merged:
                     x = update.transform_input(self, x)
         return x
@@ -310,6 +338,7 @@ class AdaptedLayer(nn.Module):
     def set_merged(self, names: list[str]) -> None:
         """Make the weight hold the base plus exactly adapters ``names``: the base written back from the kept copy,
         every delta computed against it, summed in float32 and rounded once."""
+        self.__dict__.pop("_plain", None)
         with torch.no_grad():
             if self.exact_base is None:
                 if not names:

@@ -44,9 +44,26 @@ class LoRAUpdate(WeightUpdate):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         """``out += scaling * B A dropout(x)`` on 2-D ``x``/``out``, with A and B cast to the output's dtype and the
-        update accumulated by the second GEMM itself (no full-size ``* scaling`` or ``+`` kernels)."""
+        update accumulated by the second GEMM itself (no full-size ``* scaling`` or ``+`` kernels). Without autograd
+        (decoding), A and B in the output's dtype are kept between calls instead of cast each time."""
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not (
+                self.training and isinstance(self.lora_dropout, nn.Dropout)):
+            a_t, b_t = self._inference_factors(out.dtype)
+            return out.addmm_(x.mm(a_t), b_t, alpha=self.scaling)
         after_a = F.linear(self.lora_dropout(x), self.lora_A.weight.to(out.dtype)).to(out.dtype)
         return out.addmm_(after_a, self.lora_B.weight.to(out.dtype).t(), alpha=self.scaling)
+
+    def _inference_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """A^T and B^T in ``dtype``, cast once and kept until either weight changes (its version counter, bumped by
+        every in-place write: optimizer steps, loads) or moves; a copy only when the dtypes differ (r * (in + out)
+        values)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        key = (dtype, a.data_ptr(), b.data_ptr(), a._version, b._version)
+        cached = self.__dict__.get("_factors")
+        if cached is None or cached[0] != key:
+            cached = (key, a.detach().to(dtype).t(), b.detach().to(dtype).t())
+            self.__dict__["_factors"] = cached
+        return cached[1], cached[2]
 
     def lora_weight(self) -> Tensor:
         """B A in (out_features, in_features) layout."""
