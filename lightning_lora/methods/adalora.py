@@ -126,7 +126,9 @@ class AdaLoRAUpdate(WeightUpdate):
         in_features, out_features = base_kind(base_layer).dims(base_layer)
         kw = {"device": base_layer.weight.device, "dtype": torch.float32 if base_layer.weight.dtype not in
               (torch.float32, torch.float64) else base_layer.weight.dtype}
-        self.r, self.scaling, self.planned_steps = r, config.alpha, 0
+        # alpha / (r0 + 1e-5) as PEFT computes it, a Python float: reading the ranknum tensor in forward would
+        # break torch.compile graphs
+        self.r, self.scaling, self.planned_steps = r, config.alpha / (config.init_r + 1e-5), 0
         self.file_pattern: Optional[list[bool]] = None  # the rank_pattern entry this update was built from
         self.lora_A = nn.Parameter(torch.randn(r, in_features, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
@@ -141,10 +143,10 @@ class AdaLoRAUpdate(WeightUpdate):
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         dtype = out.dtype
         after_a = F.linear(self.lora_dropout(x).to(dtype), (self.lora_A * self.lora_E).to(dtype))
-        return out.addmm_(after_a, self.lora_B.to(dtype).t(), alpha=self.scaling / (float(self.ranknum) + 1e-5))
+        return out.addmm_(after_a, self.lora_B.to(dtype).t(), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * (self.scaling / (self.ranknum + 1e-5))
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
 
     def kept(self) -> Tensor:
         """Which of the ``init_r`` triplets survive (PEFT's ``rank_pattern`` entry); an update loaded from a file

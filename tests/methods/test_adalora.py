@@ -180,3 +180,10 @@ def test_cli_parses_adalora(tmp_path: Path) -> None:
                      "--lora.init_r=6", "--lora.target_r=4", "--lora.target_modules=[q_proj]"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     assert (callback.config.method, callback.config.target_r, callback.config.init_r) == ("adalora", 4, 6)
+
+
+def test_forward_compiles_in_one_graph() -> None:
+    model = make_llama(layers=1)
+    inject(model, AdapterConfig.create("adalora", init_r=4, target_r=2, target_modules=["q_proj"]))
+    explained = torch._dynamo.explain(model.model.layers[0].self_attn.q_proj)(torch.randn(2, 9, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

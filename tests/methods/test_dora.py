@@ -345,3 +345,12 @@ def test_small_magnitude_changes_reach_a_bfloat16_output() -> None:
         after = model(x).float()
     share = ((after - before) * plain).sum() / (eps * (plain * plain).sum())
     assert share > 0.5, f"only {share:.2f} of a {eps:.1%} magnitude change reached the output"
+
+
+def test_conv_and_embedding_forward_compile_in_one_graph() -> None:
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    inject(model, AdapterConfig.create("dora", r=2, target_modules=["embed", "conv2"]))
+    for layer, x in ((model.embed, token_batch()), (model.conv2, torch.randn(2, 4, 5, 5))):
+        explained = torch._dynamo.explain(layer)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
