@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lightning_lora.sharded_export import read_merged
+
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -33,13 +35,13 @@ def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, tor
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     out = tmp_path_factory.mktemp("one")
-    return out, train(out, 1, 8)
+    return out, train(out, 1, 8, "--export-merged")
 
 
 @pytest.mark.parametrize("adapters", ["sharded", "replicated"])
 def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, single, adapters: str) -> None:
     one_dir, one = single
-    two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters)
+    two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters, "--export-merged")
     assert two.keys() == one.keys() and len(one) == 8
     for key in one:
         torch.testing.assert_close(two[key], one[key], **TOL, msg=key)
@@ -55,6 +57,13 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, single, ad
     torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)
     assert len(saved["optimizer_states"][0]["state"]) == 8  # Adam's state of the adapter only, as one process's
     torch.testing.assert_close(saved["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"], **TOL)
+    # the merged export, gathered one tensor at a time and merged in float32, equals one process's save_pretrained
+    merged, expected_merged = read_merged(tmp_path / "two" / "merged"), read_merged(one_dir / "merged")
+    assert merged.keys() == expected_merged.keys()
+    torch.testing.assert_close(merged, expected_merged, **TOL)
+    for step in (4, 8):
+        torch.testing.assert_close(read_merged(tmp_path / "two" / f"step-{step}" / "merged"),
+                                   read_merged(one_dir / f"step-{step}" / "merged"), **TOL)
     if adapters == "sharded":
         # saved at world size 2, resumed at world size 1 (plain strategy): the same adapter as the run never stopped
         resumed = train(tmp_path / "resumed", 1, 8, "--resume", str(ckpt))
@@ -83,3 +92,26 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
     assert not ll.adapters(module.model)
     with pytest.raises(ll.ConfigError, match="build it in __init__ and shard it in configure_model"):
         setup(ConfigureModelLlama(), data_parallel_size=1, tensor_parallel_size=1)
+
+
+def test_merged_shards_in_save_pretrained_layout(tmp_path: Path) -> None:
+    """write_merged splits at max_shard_size into model-0000i-of-0000n files + index that transformers loads, equal to
+    export_merged's single file; the model is unchanged."""
+    import lightning_lora as ll
+    from conftest import make_llama
+    from lightning_lora.sharded_export import INDEX, merged_tensors, write_merged
+    from transformers import LlamaForCausalLM
+
+    model = make_llama()
+    ll.inject(model, {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"], "init_weights": False}, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    write_merged(model, tmp_path / "sharded", merged_tensors(model), max_shard_size=20_000)
+    ll.export_merged(model, tmp_path / "whole")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert (tmp_path / "sharded" / INDEX).is_file() and (tmp_path / "sharded" / "config.json").is_file()
+    assert read_merged(tmp_path / "sharded").keys() == read_merged(tmp_path / "whole").keys()
+    torch.testing.assert_close(read_merged(tmp_path / "sharded"), read_merged(tmp_path / "whole"), rtol=0, atol=0)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "sharded")
+    torch.testing.assert_close(dict(reloaded.state_dict()), read_merged(tmp_path / "whole"), rtol=0, atol=0)

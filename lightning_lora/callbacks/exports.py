@@ -20,15 +20,16 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_lora.atomic import ExportError, check_export_target, export_directory, fsync_path, recover_export
 from lightning_lora.atomic import _exchange  # renameat2(RENAME_EXCHANGE) where the kernel has it
 from lightning_lora.export import export_merged
 from lightning_lora.io import save_adapter
 from lightning_lora.quantize_merge import MergeReport
+from lightning_lora.sharded_export import write_merged
 
 JOURNAL = ".lightning_lora-final"
 STEP_KIND = "checkpoint export"
@@ -37,26 +38,35 @@ _LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-[0-9a-f]+$")
 
 def _write(model: nn.Module, directory: Path, merged: bool, tokenizer: Any,
            report: Optional[Callable[[MergeReport], None]] = None, fingerprint: Optional[str] = None,
-           merge_options: Optional[dict[str, Any]] = None) -> tuple[Path, Optional[Path]]:
+           merge_options: Optional[dict[str, Any]] = None,
+           merged_tensors: Optional[Iterable[tuple[str, Tensor]]] = None) -> tuple[Path, Optional[Path]]:
     adapter_dir = save_adapter(model, directory / "adapter", fingerprint)
+    if merged and merged_tensors is not None:  # a base sharded by FSDP2: merged a tensor at a time (sharded_export)
+        return adapter_dir, write_merged(model, directory / "merged", merged_tensors, tokenizer)
     merged_dir = (export_merged(model, directory / "merged", tokenizer, report, **(merge_options or {}))
                   if merged else None)
     return adapter_dir, merged_dir
 
 
 def export_step(model: nn.Module, directory: Path, merged: bool, tokenizer: Any = None,
-                fingerprint: Optional[str] = None, merge_options: Optional[dict[str, Any]] = None) -> None:
+                fingerprint: Optional[str] = None, merge_options: Optional[dict[str, Any]] = None,
+                merged_tensors: Optional[Iterable[tuple[str, Tensor]]] = None) -> None:
     """Write ``directory/adapter`` (and ``directory/merged``) as one atomic directory; ``merge_options`` go to
-    ``export_merged`` (``merge_target``, ``original``)."""
+    ``export_merged`` (``merge_target``, ``original``); ``fingerprint`` and ``merged_tensors`` as for
+    ``export_final``."""
     with export_directory(directory, STEP_KIND) as staging:
-        _write(model, staging, merged, tokenizer, fingerprint=fingerprint, merge_options=merge_options)
+        _write(model, staging, merged, tokenizer, fingerprint=fingerprint, merge_options=merge_options,
+               merged_tensors=merged_tensors)
 
 
 def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = None,
                  report: Optional[Callable[[MergeReport], None]] = None, fingerprint: Optional[str] = None,
-                 merge_options: Optional[dict[str, Any]] = None) -> tuple[Path, Optional[Path]]:
+                 merge_options: Optional[dict[str, Any]] = None,
+                 merged_tensors: Optional[Iterable[tuple[str, Tensor]]] = None) -> tuple[Path, Optional[Path]]:
     """Write ``root/adapter`` and ``root/merged`` as a pair (see the module docstring); returns their paths. A merge
-    from a quantized base hands its ``MergeReport`` to ``report`` (``export_merged``).
+    from a quantized base hands its ``MergeReport`` to ``report`` (``export_merged``). For a base sharded by FSDP2,
+    ``fingerprint`` is the base fingerprint taken before sharding and ``merged_tensors`` the collective
+    ``sharded_export.merged_tensors`` iterator the merged export is written from.
 
     Raises ``ExportError`` naming ``root`` if the write fails; the previous pair is then unchanged."""
     root = Path(root)
@@ -68,7 +78,7 @@ def export_final(model: nn.Module, root: Path, merged: bool, tokenizer: Any = No
     staging = root / f".final.tmp-{secrets.token_hex(4)}"
     try:
         os.mkdir(staging, 0o777)
-        _write(model, staging, merged, tokenizer, report, fingerprint, merge_options)
+        _write(model, staging, merged, tokenizer, report, fingerprint, merge_options, merged_tensors)
         inodes = {name: os.stat(staging / name).st_ino for name in names}
         (staging / "inodes.json").write_text(json.dumps(inodes), encoding="utf-8")
         fsync_path(staging / "inodes.json")

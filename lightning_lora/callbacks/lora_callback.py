@@ -46,6 +46,7 @@ from lightning_lora.plugins.compile import as_compile_policy, cache_path, compil
 from lightning_lora.plugins.quantization import quantize_for_strategy
 from lightning_lora.quantize import as_quantize_config
 from lightning_lora.quantize_merge import MergeReport
+from lightning_lora.sharded_export import drain, merged_tensors
 from lightning_lora.surgery import (
     adapter_parameters,
     adapters,
@@ -139,6 +140,19 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         prompt_tuning_init: prompt tuning: RANDOM, TEXT (from prompt_tuning_init_text) or SAMPLE_VOCAB (None: RANDOM).
         prompt_tuning_init_text: prompt tuning: the text whose token embeddings start the prompt (with TEXT).
         tokenizer_name_or_path: prompt tuning: the tokenizer (a local path; in Python also the object) for TEXT.
+        experts: X-LoRA: the names of the LoRA adapters in the model it gates (None: all of them).
+        hidden_size: X-LoRA: the width of the hidden state its classifier reads (None: the model's hidden_size).
+        enable_softmax: X-LoRA: softmax over the experts' scalings (None: true).
+        enable_softmax_topk: X-LoRA: softmax over the top_k_lora kept scalings only (None: false).
+        softmax_temperature: X-LoRA: divides the scalings before the softmax (None: 1.0).
+        layerwise_scalings: X-LoRA: one set of scalings per adapted layer instead of one for all (None: false).
+        top_k_lora: X-LoRA: keep only the k largest scalings per token (None: all, dense).
+        xlora_depth: X-LoRA: linear layers in the classifier (None: 1).
+        xlora_size: X-LoRA: the classifier's hidden width when xlora_depth > 1 (None: 2048).
+        xlora_dropout_p: X-LoRA: dropout between the classifier's layers (None: 0.2).
+        scaling_pass_value: X-LoRA: every expert's scaling in the first (scaling) pass (None: 0, the base model).
+        global_scaling_weight: X-LoRA: multiplies every expert's output (None: 1.0).
+        use_trainable_adapters: X-LoRA: train the experts too, not only the classifier (None: false).
         model_attr: dotted path of the module to adapt inside the LightningModule. None finds the one Hugging Face
             PreTrainedModel in it, else adapts the LightningModule itself.
         export_dir: where exports go; None is <trainer.log_dir or default_root_dir>/lightning_lora.
@@ -223,6 +237,19 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         prompt_tuning_init: Optional[str] = None,
         prompt_tuning_init_text: Optional[str] = None,
         tokenizer_name_or_path: Optional[str] = None,
+        experts: Optional[list[str]] = None,
+        hidden_size: Optional[int] = None,
+        enable_softmax: Optional[bool] = None,
+        enable_softmax_topk: Optional[bool] = None,
+        softmax_temperature: Optional[float] = None,
+        layerwise_scalings: Optional[bool] = None,
+        top_k_lora: Optional[int] = None,
+        xlora_depth: Optional[int] = None,
+        xlora_size: Optional[int] = None,
+        xlora_dropout_p: Optional[float] = None,
+        scaling_pass_value: Optional[float] = None,
+        global_scaling_weight: Optional[float] = None,
+        use_trainable_adapters: Optional[bool] = None,
         model_attr: Optional[str] = None,
         export_dir: Optional[str] = None,
         export_merged: Optional[bool] = None,
@@ -320,9 +347,6 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={trainer.world_size}, "
                 "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
             )
-        if self.export_merged:
-            raise ConfigError("LoRACallback under ModelParallelStrategy writes the adapter export only for now; set "
-                              "export_merged=False.")
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
@@ -497,11 +521,15 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         trainer = self._trainer
         if self.export_on_checkpoint and trainer is not None and self._exported_step != trainer.global_step:
             with distributed.gathered_adapters(self.model):
-                if trainer.is_global_zero:
-                    self._export_step()
+                tensors = merged_tensors(self.model) if self.export_merged else None
+                try:
+                    if trainer.is_global_zero:
+                        self._export_step(tensors)
+                finally:
+                    drain(tensors)  # the other ranks' share of the per-tensor gathers, and whatever rank zero left
             self._exported_step = trainer.global_step  # on every rank: each decides alike whether to gather
 
-    def _export_step(self) -> None:
+    def _export_step(self, tensors: Optional[Any] = None) -> None:
         trainer = self._trainer
         if not self.export_on_checkpoint or trainer is None or self._exported_step == trainer.global_step:
             return
@@ -509,7 +537,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         directory = self._export_root(trainer) / f"step-{trainer.global_step}"
         try:
             export_step(self.model, directory, self.export_merged, self._tokenizer(trainer), self._fingerprint,
-                        self.merge_options)
+                        self.merge_options, merged_tensors=tensors)
         except OSError as err:  # ExportError, including safetensors' errors: the checkpoint is written, keep training
             rank_zero_warn(f"lightning_lora: the export of step {trainer.global_step} to {directory} failed, training "
                            f"goes on and the checkpoint is complete: {err}")
@@ -594,11 +622,15 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             if trainer.is_global_zero and self._compiled is not None:
                 save_cache(self._compile_cache)  # now with the validation graphs too
             with gathered:  # FSDP2: every rank gathers the adapter tensors (only those), rank zero writes them
-                if trainer.is_global_zero:
-                    self.adapter_dir, self.merged_dir = export_final(
-                        self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
-                        report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
-                        merge_options=self.merge_options)
+                tensors = merged_tensors(self.model) if self._sharded and self.export_merged else None
+                try:
+                    if trainer.is_global_zero:
+                        self.adapter_dir, self.merged_dir = export_final(
+                            self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
+                            report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
+                            merge_options=self.merge_options, merged_tensors=tensors)
+                finally:
+                    drain(tensors)  # FSDP2: the other ranks' share of the per-tensor gathers
             if trainer.is_global_zero:
                 rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
                                + (f", merged model to {self.merged_dir}" if self.merged_dir else "")

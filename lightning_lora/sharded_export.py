@@ -1,0 +1,141 @@
+"""Merged export of a model sharded with FSDP2, without the full model on any rank.
+
+``merged_tensors`` walks the base state dict one tensor at a time: it gathers that tensor (an all-gather of its
+shards: a collective every rank runs, in the same order), folds in the tensor's adapter update in float32 (the
+adapted layer's own ``merged_weight``, so every method, DoRA included, and a quantized base's dequantization are the
+single-process code), and hands the result over on the CPU. ``write_merged`` (rank zero) writes the tensors into
+``save_pretrained``'s layout: ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_size`` bytes plus
+``model.safetensors.index.json`` (one ``model.safetensors`` when everything fits one shard), ``config.json`` and
+``generation_config.json``, and frees each shard once written.
+
+Memory per rank: the rank's own shards, one whole tensor and its float32 merge (on the GPU), and on rank zero one
+file shard on the CPU. Adapter tensors must be whole meanwhile (``distributed.gathered_adapters``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .atomic import PathLike, check_export_target, export_directory, write_json
+from .distributed import full_tensor
+from .export import MERGED_KIND, MERGED_WEIGHTS
+from .methods.base import AdaptedLayer
+from .surgery import adapters, base_state_dict, weight_adapters
+
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_SIZE = 5 * 2**30
+
+
+def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(key, tensor)`` of ``model``'s merged state dict, one tensor at a time, whole, on the CPU, in the base
+    state dict's order; a tied tensor is given once, under its first key (as ``save_pretrained`` writes it).
+
+    A collective: every rank iterates it to the end (a rank that writes nothing just drains it). Raises
+    ``MergeError`` (before gathering anything) for inserted adapters and tied adapted weights, and for a merged
+    weight that is not finite."""
+    from .methods.base import MergeError
+
+    layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
+              if isinstance(layer, AdaptedLayer)}
+    weight_adapters(model, "merge")  # refuses inserted and tied adapters up front
+    seen: set[int] = set()
+    for key, tensor in base_state_dict(model).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        whole = full_tensor(tensor.detach())
+        layer = layers.get(key)
+        if layer is not None:
+            whole = _merged(layer, whole)
+            if not torch.isfinite(whole).all():
+                raise MergeError(f"Merging {key.removesuffix('.weight')} gives inf/NaN; the adapter has diverged, so "
+                                 "no merged model was written.")
+        yield key, whole.cpu()
+        del whole
+
+
+def _merged(layer: AdaptedLayer, weight: Tensor) -> Tensor:
+    """``layer.merged_weight()`` with ``weight`` (the gathered base) standing in for the layer's sharded one."""
+    sharded = layer._parameters["weight"]
+    layer._parameters["weight"] = nn.Parameter(weight, requires_grad=False)
+    try:
+        return layer.merged_weight()
+    finally:
+        layer._parameters["weight"] = sharded
+
+
+def write_merged(model: nn.Module, directory: PathLike, tensors: Iterable[tuple[str, Tensor]], tokenizer: Any = None,
+                 max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    """Write ``tensors`` (from ``merged_tensors``) into ``directory`` in ``save_pretrained``'s layout, with
+    ``model``'s config (and ``tokenizer``); atomic like ``export_merged`` (staged, then swapped in). Rank zero only.
+    The other ranks drain their own ``merged_tensors`` meanwhile; if this raises, the caller drains ``tensors`` too."""
+    check_export_target(directory, MERGED_KIND)
+    with export_directory(directory, MERGED_KIND) as staging:
+        written: list[tuple[str, list[str]]] = []
+        buffer: dict[str, Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            name = f".shard-{len(written):05d}.safetensors"
+            save_file(buffer, str(staging / name), metadata={"format": "pt"})
+            written.append((name, list(buffer)))
+            buffer.clear()
+
+        for key, tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if buffer and size + nbytes > max_shard_size:
+                flush()
+                size = 0
+            buffer[key] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
+        if buffer or not written:
+            flush()
+        if len(written) == 1:
+            os.rename(staging / written[0][0], staging / MERGED_WEIGHTS)
+        else:
+            weight_map = {}
+            for i, (name, keys) in enumerate(written, 1):
+                final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+                os.rename(staging / name, staging / final)
+                weight_map.update({key: final for key in keys})
+            write_json(staging / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_configs(model, staging, tokenizer)
+    return Path(directory)
+
+
+def _write_configs(model: nn.Module, directory: Path, tokenizer: Any) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and callable(getattr(config, "save_pretrained", None)):
+        config.save_pretrained(directory)
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)
+    if generation is not None and can_generate():
+        generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def read_merged(directory: PathLike) -> dict[str, Tensor]:
+    """All tensors of a merged export (one file or ``save_pretrained`` shards), for checks and tests."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = directory / INDEX
+    if not index.exists():
+        return load_file(directory / MERGED_WEIGHTS)
+    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    return {k: v for name in files for k, v in load_file(directory / name).items()}
+
+
+def drain(tensors: Optional[Iterable[Any]]) -> None:
+    """Run what is left of a collective iterator (``merged_tensors``) so every rank finishes its gathers."""
+    for _ in tensors or ():
+        pass
