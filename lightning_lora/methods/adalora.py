@@ -119,11 +119,13 @@ def check_schedule(tinit: int, tfinal: int, total_step: float) -> None:
 
 
 class AdaLoRAUpdate(WeightUpdate):
-    """AdaLoRA on ``nn.Linear``/``Conv1D``: ``out += alpha / r0 * B diag(E) A dropout(x)``."""
+    """AdaLoRA on ``nn.Linear``/``Conv1D``: ``out += alpha / r0 * B diag(E) A dropout(x)``; on ``nn.Conv*d`` (PEFT:
+    Conv2d) A spans the whole receptive field and the update runs as one convolution by ``B diag(E) A``, reshaped."""
 
     def __init__(self, base_layer: nn.Module, config: AdaLoRAConfig, r: int) -> None:
         super().__init__(config)
-        in_features, out_features = base_kind(base_layer).dims(base_layer)
+        in_features, out_features = fan_in_out(base_layer)
+        self.conv = base_kind(base_layer).family == "conv"
         kw = {"device": base_layer.weight.device, "dtype": torch.float32 if base_layer.weight.dtype not in
               (torch.float32, torch.float64) else base_layer.weight.dtype}
         # alpha / (r0 + 1e-5) as PEFT computes it, a Python float: reading the ranknum tensor in forward would
@@ -142,11 +144,15 @@ class AdaLoRAUpdate(WeightUpdate):
 
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         dtype = out.dtype
+        if self.conv:
+            delta = self.delta_weight(layer).to(dtype)
+            return out + layer.original_module._conv_forward(self.lora_dropout(x).to(dtype), delta, None)
         after_a = F.linear(self.lora_dropout(x).to(dtype), (self.lora_A * self.lora_E).to(dtype))
         return out.addmm_(after_a, self.lora_B.to(dtype).t(), alpha=self.scaling)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
-        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
+        delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling
+        return delta.reshape(layer.weight.shape) if self.conv else delta
 
     def kept(self) -> Tensor:
         """Which of the ``init_r`` triplets survive (PEFT's ``rank_pattern`` entry); an update loaded from a file
@@ -250,7 +256,10 @@ def build_adalora(base_layer: nn.Module, config: AdaLoRAConfig, path: str) -> Ad
     """The update for ``path``: ``init_r`` triplets, or as many as the config's ``kept_triplets`` kept (a file)."""
     kept = (config.kept_triplets or {}).get(f"{path}.lora_E")
     r = config.init_r if kept is None else int(sum(bool(k) for k in kept))
-    in_features, out_features = base_kind(base_layer).dims(base_layer)
+    if getattr(base_layer, "groups", 1) != 1:
+        raise ConfigError(f"AdaLoRA on grouped convolutions ({path}: groups={base_layer.groups}) is not supported; "
+                          "leave it out with exclude_modules.")
+    in_features, out_features = fan_in_out(base_layer)
     if config.init_r > min(in_features, out_features):
         raise ConfigError(f"init_r={config.init_r} is larger than {path} allows (its shape is {in_features} -> "
                           f"{out_features}); lower init_r.")
@@ -259,6 +268,12 @@ def build_adalora(base_layer: nn.Module, config: AdaLoRAConfig, path: str) -> Ad
     return update
 
 
+def fan_in_out(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of the weight as a matrix: a convolution's inputs are its whole receptive field."""
+    in_features, out_features = base_kind(layer).dims(layer)
+    return in_features * math.prod(getattr(layer, "kernel_size", ())), out_features
+
+
 def supports_adalora(module: nn.Module) -> bool:
     kind = base_kind(module)
-    return kind is not None and kind.family == "linear"
+    return kind is not None and kind.family in ("linear", "conv")

@@ -187,3 +187,30 @@ def test_forward_compiles_in_one_graph() -> None:
     inject(model, AdapterConfig.create("adalora", init_r=4, target_r=2, target_modules=["q_proj"]))
     explained = torch._dynamo.explain(model.model.layers[0].self_attn.q_proj)(torch.randn(2, 9, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_conv2d_matches_peft_both_ways(tmp_path: Path) -> None:
+    """PEFT's SVDConv2d: A over the whole receptive field, the update one convolution; same outputs, files load both
+    ways."""
+    import peft
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    ours = copy.deepcopy(base)
+    inject(ours, AdapterConfig.create("adalora", init_r=3, target_r=1, total_step=10, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for layer in adapters(ours).values():
+            layer.adapters["default"].lora_E.normal_()
+    save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    back = copy.deepcopy(base)
+    load_adapter(back, tmp_path / "peft")
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = ours(x)
+        assert (expected - base(x)).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back(x), expected, rtol=1e-5, atol=1e-6)
+        merge(ours)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
