@@ -9,6 +9,7 @@ LOKR ones, so an adapter file is PEFT's. w1 starts at zero (``init_weights="lyco
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Union
@@ -21,6 +22,8 @@ from ..config import (ALL_LINEAR, AdapterConfig, ConfigError, _boolean, _got, _i
 from ..targeting import pattern_value
 from .base import AdaptedLayer, WeightUpdate, base_kind
 from .lora import factory  # device and float32-over-half dtype of adapter tensors
+
+log = logging.getLogger(__name__)
 
 
 @register_config
@@ -70,6 +73,10 @@ class LoKrConfig(AdapterConfig):
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
         """PEFT's ``adapter_config.json``: the exact adapted paths, per-path ranks/alphas that differ as patterns."""
         targets, key = exact_targets(list(layers), module_paths)
+        conv1d = sorted(p for p, layer in layers.items() if layer.kind.fan_in_fan_out)
+        if conv1d:
+            log.warning("lightning_lora: PEFT's LoKr has no transformers Conv1D layers (%s, ...); this adapter file "
+                        "loads in lightning_lora only", conv1d[0])
         updates = {path: next(iter(layer.adapters.values())) for path, layer in layers.items()}
         return {"peft_type": self.PEFT_TYPE, **model_info, "r": self.r, "alpha": self.alpha,
                 "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,

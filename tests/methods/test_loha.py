@@ -157,3 +157,16 @@ def test_command_line_options(tmp_path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     assert callback.config == AdapterConfig.create("loha", r=2, rank_dropout=0.1, module_dropout=0.05,
                                                    use_effective_conv2d=True, target_modules=["q_proj"])
+
+
+def test_conv1d_export_says_peft_cannot_load_it_and_loads_here(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """PEFT's LoHa/LoKr adapt nn.Linear/Conv1d/Conv2d only, not GPT-2's transformers Conv1D."""
+    model = make_gpt2()
+    inject(model, AdapterConfig.create("loha", target_modules=["c_attn", "c_fc"], r=2, init_weights=False))
+    with caplog.at_level("WARNING"):
+        ll.save_adapter(model, tmp_path / "a")
+    assert "PEFT's LoHa has no transformers Conv1D layers (transformer.h.0.attn.c_attn" in caplog.text
+    again = make_gpt2()
+    ll.load_adapter(again, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(logits(again, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
