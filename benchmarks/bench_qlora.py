@@ -13,7 +13,17 @@ materialized one decoder layer at a time on the device, quantized there, so the 
 the device at once. "compiled" compiles each decoder layer (``layer.compile()``). PEFT on bitsandbytes NF4 (the QLoRA
 most users run) is timed in the same run when bitsandbytes imports; otherwise its row says why it is missing.
 
+Formats: ``nf4`` (torchao NF4), ``int4`` (our packed layout, ``lightning_lora.int4``: two codes a byte, dequantized
+by tensor ops that compile fuses), ``int4-intx`` (torchao's intx layout, a byte a code), ``int4-tile`` (torchao's
+tinygemm layout, CUDA only, unpacked by a matmul with the identity: expect it slow).
+
+``--callback-peak`` measures the other way in: the model built whole on the CPU in bf16 (as from_pretrained loads
+it), then ``Trainer.fit`` with ``LoRACallback(quantize=...)``, which quantizes each adapted layer on the GPU before
+Lightning moves the model there; it reports peak GPU memory at the end of the strategy's setup (the quantization and
+the move) and after the training steps, beside the size of the dense bf16 base.
+
     python benchmarks/bench_qlora.py --shape 8b --grad-ckpt --batch 2 --seq 2048   # the issue's settings, on a GPU
+    python benchmarks/bench_qlora.py --shape 8b --grad-ckpt --batch 2 --seq 2048 --callback-peak
     python benchmarks/bench_qlora.py --tiny                                        # CPU smoke run, tiny shapes
 """
 
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import os
 import statistics
 import sys
@@ -54,9 +65,8 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, head_dim=64),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# int4: torchao's intx layout (int4 values, a byte each); int4-tile: its CUDA tinygemm layout (unpacked by a matmul with
-# the identity, see lightning_lora.quantize: expect it slow)
 FORMATS = {"nf4": NF4Config(), "int4": Int4Config(group_size=128),
+           "int4-intx": Int4Config(group_size=128, packing="intx"),
            "int4-tile": Int4Config(group_size=128, packing="tile_packed")}
 
 
@@ -293,6 +303,86 @@ def variants(args, config, device: str) -> list[tuple[str, object, bool]]:
     return rows
 
 
+# -- the callback path's peak memory -----------------------------------------------------------------------------------
+def build_dense_cpu(config, seed: int = 0) -> nn.Module:
+    """LlamaForCausalLM in bf16 with random weights, whole on the CPU: what from_pretrained hands a Trainer."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        _materialize(module, "cpu", generator)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.train()
+
+
+def peak_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+
+
+def callback_peak(args, device: str) -> list[str]:
+    """Trainer.fit with LoRACallback(quantize=...) over a model that starts whole on the CPU; peak GPU memory at the
+    end of setup (quantized layer by layer on the GPU, then moved) and after the steps."""
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        import pytorch_lightning as pl
+
+    config = llama_config(args.shape, args.layers)
+    marks: dict[str, float] = {}
+
+    class Module(pl.LightningModule):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def on_fit_start(self) -> None:  # after strategy.setup: quantized, moved, optimizers built
+            sync(device)
+            marks["setup_s"] = time.perf_counter() - marks["fit_start"]
+            marks["setup_peak"] = peak_gib(device)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4,
+                                     fused=device.startswith("cuda"))
+
+    lines = []
+    for name in [f for f in args.formats if f != "int4-tile"]:
+        start = time.perf_counter()
+        model = build_dense_cpu(config)  # each format from the original weights, as a resumed run would
+        built = time.perf_counter() - start
+        dense = sum(m.weight.numel() * 2 for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                    and n.rsplit(".", 1)[-1] in PROJECTIONS)
+        if args.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # compile off: this measures memory, and the first step would be compilation time
+        extra = {"compile": False} if "compile" in inspect.signature(ll.LoRACallback).parameters else {}
+        callback = ll.LoRACallback(r=args.r, alpha=args.alpha, target_modules=PROJECTIONS, quantize=FORMATS[name],
+                                   export_merged=False, export_dir=f"/tmp/bench_qlora_callback/{name}", **extra)
+        ids = torch.randint(3, config.vocab_size, (args.peak_steps * args.batch, args.seq),
+                            generator=torch.Generator().manual_seed(0))
+        trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision="bf16-true", max_steps=args.peak_steps,
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
+        free(device)
+        marks["fit_start"] = time.perf_counter()
+        module = Module(model)
+        trainer.fit(module, torch.utils.data.DataLoader(list(ids), batch_size=args.batch))
+        lines.append(f"| {name} | {len(quantized_layers(model))} | {dense / 2 ** 30:.1f} | "
+                     f"{fmt(marks['setup_peak'], '.1f')} | {marks['setup_s']:.1f} | {fmt(peak_gib(device), '.1f')} | "
+                     f"{built:.0f} |")
+        print(f"# {lines[-1]}", file=sys.stderr, flush=True)
+        del module, trainer, model, callback
+        free(device)
+    return ["| format | quantized layers | dense bf16 projections GiB | peak GiB after setup | setup s | peak GiB "
+            f"after {args.peak_steps} steps | CPU build s |", "|---|---|---|---|---|---|---|", *lines]
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -309,7 +399,11 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps, the first included")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--formats", default="nf4,int4", help="comma-separated: nf4, int4, int4-tile (CUDA only)")
+    p.add_argument("--formats", default="nf4,int4",
+                   help="comma-separated: nf4, int4 (ours, packed), int4-intx, int4-tile (CUDA only)")
+    p.add_argument("--callback-peak", action="store_true",
+                   help="only: peak GPU memory of Trainer.fit with LoRACallback(quantize=...) from a CPU model (CUDA)")
+    p.add_argument("--peak-steps", type=int, default=3, help="training steps of --callback-peak")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (HF, non-reentrant)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile", action="store_true", help="after timing, profile steps of each variant (CUDA)")
@@ -330,6 +424,12 @@ def main() -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({os.cpu_count()} threads)"
     torch.manual_seed(0)
+    if args.callback_peak:
+        print(f"## Peak memory through LoRACallback(quantize=...) on {name}: Llama {args.shape} shapes, batch "
+              f"{args.batch} x {args.seq}, LoRA r {args.r} on {len(PROJECTIONS)} projections, bf16-true"
+              f"{', gradient checkpointing' if args.grad_ckpt else ''}\n")
+        print("\n".join(callback_peak(args, device)))
+        return 0
 
     ok, lines = check(args, device)
     print(f"## Correctness on {name}: one step over {args.check_layers} layers of {args.shape} shapes, "
