@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_int, _is_real, _positive_int, _positive_real, \
-    exact_targets, register_config
+    _probability, exact_targets, register_config
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
 TRIPLET = ("lora_A", "lora_E", "lora_B")  # Q, E, P in the paper's names; the rank is dim 0 of A and E, dim 1 of B
@@ -36,8 +36,8 @@ TRIPLET = ("lora_A", "lora_E", "lora_B")  # Q, E, P in the paper's names; the ra
 class AdaLoRAConfig(AdapterConfig):
     """AdaLoRA's options, with PEFT's ``AdaLoraConfig`` names and defaults (``alpha`` is PEFT's ``lora_alpha``).
     ``total_step`` None takes the Trainer's estimated number of optimizer steps. ``kept_triplets`` (PEFT's
-    ``rank_pattern``) is the triplets each
-    layer kept (``{"<path>.lora_E": [true, false, ...]}``), written by exports and read back from them."""
+    ``rank_pattern``) is the triplets each layer kept (``{"<path>.lora_E": [true, false, ...]}``), written by exports
+    and read back from them."""
 
     method: str = "adalora"
     init_r: int = 12
@@ -71,8 +71,7 @@ class AdaLoRAConfig(AdapterConfig):
         for name in ("beta1", "beta2"):
             if not _is_real(getattr(self, name)) or not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be an EMA factor in (0, 1) such as 0.85, {_got(getattr(self, name))}.")
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be a probability in [0, 1) such as 0.05, {_got(self.dropout)}.")
+        self.dropout = _probability("dropout", self.dropout)
         if not _is_real(self.orth_reg_weight) or not 0 <= self.orth_reg_weight < math.inf:
             raise ConfigError(f"orth_reg_weight must be a number >= 0 such as 0.5, {_got(self.orth_reg_weight)}.")
         if self.total_step is not None:
@@ -103,13 +102,9 @@ class AdaLoRAConfig(AdapterConfig):
     def from_peft_dict(cls, data: dict[str, Any]) -> "AdaLoRAConfig":
         if data.get("target_modules") is None:
             raise ConfigError("PEFT AdaLoRA config has no target_modules; set them to the module names.")
-        return cls(target_modules=data["target_modules"], exclude_modules=data.get("exclude_modules"),
-                   layers_to_transform=data.get("layers_to_transform"), layers_pattern=data.get("layers_pattern"),
-                   **{ours: data[theirs] for ours, theirs in (
-                       ("init_r", "init_r"), ("target_r", "target_r"), ("alpha", "lora_alpha"),
-                       ("dropout", "lora_dropout"), ("tinit", "tinit"), ("tfinal", "tfinal"), ("deltaT", "deltaT"),
-                       ("beta1", "beta1"), ("beta2", "beta2"), ("orth_reg_weight", "orth_reg_weight"),
-                       ("total_step", "total_step"), ("kept_triplets", "rank_pattern")) if data.get(theirs) is not None})
+        renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout", "kept_triplets": "rank_pattern"}
+        options = {name: data.get(renamed.get(name, name)) for name in cls.option_names() if name != "method"}
+        return cls(**{name: value for name, value in options.items() if value is not None})
 
 
 def check_schedule(tinit: int, tfinal: int, total_step: float) -> None:
