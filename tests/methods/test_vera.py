@@ -168,3 +168,23 @@ def test_command_line_options(tmp_path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     assert callback.config == AdapterConfig.create("vera", r=4, d_initial=0.05, projection_prng_key=7,
                                                    save_projection=False, target_modules=["q_proj"])
+
+
+def test_two_named_adapters_keep_their_own_projections(tmp_path: Path) -> None:
+    """Each adapter has its own pair (its own key and rank); both round-trip through one export directory."""
+    from lightning_lora.surgery import set_active_adapters
+
+    model = make_llama()
+    inject(model, AdapterConfig.create("vera", target_modules=["q_proj"], r=4, init_weights=False))
+    inject(model, AdapterConfig.create("vera", target_modules=["q_proj", "up_proj"], r=8, init_weights=False,
+                                       projection_prng_key=3), name="b")
+    set_active_adapters(model, ["default", "b"])
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.adapters["default"].projections.vera_A.shape == (4, 32)
+    assert q_proj.adapters["b"].projections.vera_A.shape == (8, 32)
+    ll.save_adapter(model, tmp_path / "both")
+    loaded = make_llama()
+    ll.load_adapter(loaded, tmp_path / "both")
+    set_active_adapters(loaded, ["default", "b"])
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, token_batch()), logits(model, token_batch()), rtol=0, atol=0)
