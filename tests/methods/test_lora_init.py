@@ -89,14 +89,18 @@ def test_fast_svd_init_takes_the_principal_part() -> None:
         torch.testing.assert_close(fast(x), base(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("init,rslora", [("pissa", False), ("olora", True)])
-def test_export_is_plain_lora_on_the_original_base(tmp_path: Path, init: str, rslora: bool) -> None:
+@pytest.mark.parametrize("make,targets,init,rslora", [(make_llama, LLAMA_TARGETS, "pissa", False),
+                                                      (make_llama, LLAMA_TARGETS, "olora", True),
+                                                      (make_gpt2, ["c_attn", "c_proj"], "olora", False)],
+                         ids=["llama-pissa", "llama-olora-rslora", "gpt2-conv1d-olora"])
+def test_export_is_plain_lora_on_the_original_base(tmp_path: Path, make, targets: list[str], init: str,
+                                                   rslora: bool) -> None:
     """The file holds [A; A0] and [B | -B0] (rank 2r, alpha scaled to keep the scaling): PEFT and we load it on the
     original base with the trained model's outputs."""
     import peft
 
-    base = make_llama()
-    ours = adapted(base, init, LLAMA_TARGETS, use_rslora=rslora)
+    base = make()
+    ours = adapted(base, init, targets, use_rslora=rslora)
     train_a_little(ours)
     save_adapter(ours, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
