@@ -147,6 +147,9 @@ def _merged_weights(layers: dict[str, AdaptedLayer], target: str, originals: dic
     for path, layer in layers.items():
         update = sum(layer.delta_weight(n).float() for n in layer.adapters)
         start = originals[path].to(update.device).float() if target == "original" else dequantize(layer.weight).float()
+        shift = layer.base_shift() if target == "original" else None
+        if shift is not None:  # the original base minus what PiSSA/OLoRA moved into their adapter at injection
+            start = start + shift.to(start.device).float()
         exact = start + update
         if not torch.isfinite(exact).all():
             raise MergeError(f"Merging {path} gives inf/NaN; the adapter has diverged, so nothing was merged.")

@@ -149,6 +149,11 @@ class WeightUpdate(nn.Module):
         """The update is leaving the model for good (``unload``, ``delete_adapter``; never a temporary unwrap): undo
         what ``on_attach`` did to the base weight."""
 
+    def base_shift(self, layer: AdaptedLayer) -> Optional[Tensor]:
+        """What ``on_attach`` added to the base weight, in ``delta_weight``'s layout, or None: a merge into another
+        copy of the original base (``merge_quantized``'s ``original`` target) adds it too."""
+        return None
+
     def file_tensors(self) -> dict[str, Tensor]:
         """This update's tensors as an adapter file holds them, named relative to the update: its parameters and
         persistent buffers. A method whose state is not the file's form (PiSSA's init offset, AdaLoRA's pruned ranks
@@ -385,6 +390,11 @@ class AdaptedLayer(nn.Module):
     def adapter_tensors(self) -> dict[str, Tensor]:
         """Adapter parameters and persistent buffers, named relative to the layer (``adapters.<name>.<tensor>``)."""
         return {f"adapters.{n}": t for n, t in self.adapters.state_dict(keep_vars=True).items()}
+
+    def base_shift(self) -> Optional[Tensor]:
+        """What the updates' ``on_attach`` added to the base weight, in the layout of ``weight`` (None: nothing)."""
+        shifts = [shift for u in self.adapters.values() if (shift := u.base_shift(self)) is not None]
+        return linear_weight(sum(shifts), self.kind) if shifts else None
 
     def file_tensors(self) -> dict[str, Tensor]:
         """``adapter_tensors`` as an adapter file holds them (``WeightUpdate.file_tensors``)."""

@@ -16,6 +16,8 @@ rebuilds the residual from them, whatever a second decomposition would have roun
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -83,6 +85,9 @@ class ResidualLoRAUpdate(LoRAUpdate):
             self._shift_base(layer, self.init_delta())
             layer.source_sample = None
             object.__setattr__(self, "_layer", None)
+
+    def base_shift(self, layer: AdaptedLayer) -> Optional[Tensor]:
+        return -self.init_delta() if self._layer is layer else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         """Loading A0/B0 (a checkpoint) re-bases the residual on them: W_res = W - s B0 A0 with the loaded values."""

@@ -246,3 +246,22 @@ def test_cli_parses_the_init(tmp_path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     assert callback.config.init_weights == "pissa"
     assert all(isinstance(a.adapters["default"], ResidualLoRAUpdate) for a in adapters(cli.model.model).values())
+
+
+def test_quantized_merge_into_the_original_weights() -> None:
+    """QPiSSA merged into the user's full-precision original weights: original + the trained update (not + s B A,
+    which is the update against the residual)."""
+    from lightning_lora.quantize import merged_quantized_state_dict
+
+    base = make_llama()
+    model = adapted(base, "pissa", ["q_proj"])
+    train_a_little(model)
+    expected = {}
+    for path, layer in adapters(model).items():
+        tensors = layer.adapters["default"].file_tensors()
+        expected[f"{path}.weight"] = (base.get_submodule(path).weight
+                                      + tensors["lora_B.weight"] @ tensors["lora_A.weight"] * 2.0)
+    ll.quantize_base(model, {"format": "nf4", "scaler_block_size": 16})
+    merged, _ = merged_quantized_state_dict(model, "original", original=base.state_dict(), report=None)
+    for key, weight in expected.items():
+        torch.testing.assert_close(merged[key], weight, rtol=0, atol=1e-6)
