@@ -75,8 +75,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             loha, lokr, vera, ...). Options of another method are an error.
         r: LoRA/DoRA rank (None: 8); LoHa/LoKr rank (None: 8); VeRA's shared projection rank (None: 256); OFT's
             blocks per layer (instead of oft_block_size); HRA's reflections (None: 8); Bone/MiSS block size (None: 64).
-        alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16); LoHa/LoKr likewise (None: 8).
-        dropout: LoRA/DoRA/VeRA dropout on the adapter's input (None: 0.0).
+        alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16); LoHa/LoKr likewise (None: 8);
+            AdaLoRA's, over init_r (None: 8).
+        dropout: LoRA/DoRA/VeRA/AdaLoRA dropout on the adapter's input (None: 0.0).
         target_modules: which modules to adapt, with PEFT's rules: a list of names (a path equal to a name or
             ending in .name), a regex matched against the whole path, or all-linear (every linear layer but the
             output head: the LoRA/DoRA default). Bottleneck adapters find their sublayers when unset.
