@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -67,7 +68,7 @@ def split_groups(optimizer: Optimizer, schedulers: list[Any], rates: dict[int, t
             factor = value if kind == "ratio" else (value / group["lr"] if group["lr"] else 0.0)
             new_group = {k: v for k, v in group.items() if k != "params"}
             for key in _SCALED_KEYS:
-                if isinstance(new_group.get(key), (int, float)):
+                if isinstance(new_group.get(key), (int, float, torch.Tensor)):  # a tensor lr (capturable) too
                     new_group[key] = new_group[key] * factor
             if kind == "absolute":
                 new_group["lr"] = value

@@ -137,3 +137,10 @@ def test_cli_parses_the_ratio(tmp_path: Path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     assert callback.config.loraplus_lr_ratio == 16.0
     assert len(cli.trainer.optimizers[0].param_groups) == 2
+
+
+def test_tensor_learning_rates_are_scaled_too() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.Adam([a, b], lr=torch.tensor(0.01))
+    split_groups(optimizer, [], {id(b): ("ratio", 4.0)})
+    assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([0.01, 0.04])
