@@ -42,7 +42,8 @@ def file_tensors(found: dict[str, Adapter], name: str = DEFAULT_ADAPTER) -> dict
     prefix = adapter_prefix(name)
     return {(f"{path}." if path else "") + key.removeprefix(prefix): tensor
             for path, adapter in found.items() for key, tensor in adapter.file_tensors().items()
-            if key.startswith(prefix) or not isinstance(adapter, AdaptedLayer)}
+            if key.startswith(prefix) or (not isinstance(adapter, AdaptedLayer)
+                                          and getattr(adapter, "adapter_name", name) == name)}
 
 
 def shared_file_tensors(found: dict[str, Any], name: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
@@ -97,7 +98,8 @@ class _OneAdapter:
 def _layers_of(model: nn.Module, name: str) -> dict[str, Any]:
     """Adapter ``name``'s layers by path (an inserted adapter is the model's only one)."""
     return {path: (_OneAdapter(a, name) if isinstance(a, AdaptedLayer) else a)
-            for path, a in adapters(model).items() if not isinstance(a, AdaptedLayer) or name in a.adapters}
+            for path, a in adapters(model).items()
+            if (name in a.adapters if isinstance(a, AdaptedLayer) else a.adapter_name == name)}
 
 
 def adapter_config_dict(model: nn.Module, name: Optional[str] = None) -> dict[str, Any]:
@@ -147,7 +149,7 @@ def _adapter_file(model: nn.Module, name: str, fingerprint: str) -> tuple[dict[s
     config = adapter_config_dict(model, name)
     found = adapters(model)
     # an adapter of the whole model (path "": prompt and prefix tuning) has its tensors at the top of PEFT's file
-    top = set(file_tensors({"": found[""]})) if "" in found else set()
+    top = set(file_tensors({"": found[""]}, name)) if "" in found else set()
     # a copy per key, as PEFT does: tensors the user tied would otherwise make safetensors refuse the file
     tensors = {(k if k in top else PEFT_PREFIX + k): v.to('cpu', copy=True).contiguous()
                for k, v in file_tensors(found, name).items()}
@@ -335,7 +337,7 @@ def _prepare_from_file(model: nn.Module, directory: Path, name: str, fingerprint
     config, tensors, metadata = read_adapter(directory)
     # seeded in a forked RNG: the file overwrites the initial values, and the caller's random stream must not move
     prepared = prepare(model, _drop_unused_patterns(config, tensors), seed=0, name=name)
-    expected = {**file_tensors(prepared), **shared_file_tensors(prepared)}
+    expected = {**file_tensors(prepared, name), **shared_file_tensors(prepared)}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(

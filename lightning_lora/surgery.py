@@ -44,7 +44,7 @@ def injected_config(model: nn.Module, name: str | None = None) -> AdapterConfig 
     for adapter in found.values():
         if isinstance(adapter, AdaptedLayer) and name in adapter.adapters:
             return adapter.adapters[name].config
-        if isinstance(adapter, InsertedAdapter) and name == DEFAULT_ADAPTER:
+        if isinstance(adapter, InsertedAdapter) and name == adapter.adapter_name:
             return adapter.config
     return None
 
@@ -53,7 +53,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     """The names of ``model``'s adapters, in the order they were added."""
     names: dict[str, None] = {}
     for adapter in adapters(model).values():
-        names.update(dict.fromkeys(adapter.adapters if isinstance(adapter, AdaptedLayer) else [DEFAULT_ADAPTER]))
+        names.update(dict.fromkeys(adapter.adapters if isinstance(adapter, AdaptedLayer) else [adapter.adapter_name]))
     return list(names)
 
 
@@ -158,8 +158,12 @@ def prepare(model: nn.Module, config: AdapterConfig, seed: int | None = None,
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             built = {path: build(path) for path in targets}
+    for adapter in built.values():
+        if isinstance(adapter, InsertedAdapter):
+            adapter.adapter_name = name
     found = adapters(model)
-    if found and any(isinstance(a, InsertedAdapter) for a in [*found.values(), *built.values()]):
+    if found and any(isinstance(a, InsertedAdapter) and not a.joins_adapters
+                     for a in [*found.values(), *built.values()]):
         raise ConfigError(
             f"{type(model).__name__} already has {injected_config(model).method!r} adapters, and inserted-module "
             f"methods ({config.method!r} or the model's) take one adapter per model; call unload(model) first. "
@@ -232,7 +236,9 @@ def inject(model: nn.Module, config: AdapterConfig, seed: int | None = None, nam
 
 def freeze_base(model: nn.Module) -> None:
     """Only adapter parameters train; everything else in ``model`` is frozen."""
-    trainable = {id(p) for a in adapters(model).values() for p in a.adapter_parameters()}
+    found = adapters(model).values()
+    trainable = {id(p) for a in found for p in a.adapter_parameters()}
+    trainable -= {id(p) for a in found if isinstance(a, InsertedAdapter) for p in a.frozen_parameters()}
     for param in model.parameters():
         param.requires_grad_(id(param) in trainable)
 

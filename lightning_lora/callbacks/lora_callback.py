@@ -71,8 +71,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Inject a parameter-efficient adapter into the LightningModule's model and train only the adapter.
 
     Args:
-        method: the adapter method (lora, dora, adalora, houlsby, pfeiffer, llama_adapter, prefix, prompt, bitfit,
-            loha, lokr, vera, ...). Options of another method are an error.
+        method: the adapter method (lora, dora, adalora, loha, lokr, vera, oft, boft, hra, bone, miss, houlsby,
+            pfeiffer, llama_adapter, prefix, prompt, bitfit, xlora). Options of another method are an error.
         r: LoRA/DoRA rank (None: 8); LoHa/LoKr rank (None: 8); VeRA's shared projection rank (None: 256); OFT's
             blocks per layer (instead of oft_block_size); HRA's reflections (None: 8); Bone/MiSS block size (None: 64).
         alpha: LoRA/DoRA scale numerator: the update is (alpha / r) * B A (None: 16); LoHa/LoKr likewise (None: 8);
@@ -356,6 +356,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 "the model), so the model must exist when fit starts: build it in __init__ and shard it in "
                 "configure_model (lightning_lora.distributed.shard_model)."
             ) from None
+        if self.quantize is not None:  # before configure_model: FSDP2 then shards the quantized weights (NF4 has
+            quantize_for_strategy(trainer, pl_module, self._root, self.quantize)  # FSDP2 support in torchao)
         fsdp2.use_adapter_checkpoints(trainer.strategy, self._frozen_keys,
                                       lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
                                       self._export_step_all_ranks,
@@ -365,7 +367,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Quantize the base if asked, and keep adapters in float32 whatever the precision plugin cast them to."""
         if self._root is None:
             return
-        if self.quantize is not None:
+        if self.quantize is not None and not self._sharded:  # under FSDP2 it was done before sharding
             quantize_for_strategy(self._trainer, self._trainer.lightning_module, self._root, self.quantize)
         for p in adapter_parameters(self._root):
             if p.dtype in (torch.float16, torch.bfloat16):

@@ -185,6 +185,21 @@ class _WithWeight:
 _PLAIN_INPUTS = frozenset({"enabled", "active_adapters", "batch_route", "exact_base", "base_op"})  # see _plain_state
 
 
+class Updates(nn.ModuleDict):
+    """A layer's updates by name, knowing whether any of them transforms the input (so that the forward of a layer
+    without such an update, LoRA's, pays one attribute read for the hook, not a loop)."""
+
+    transforms_input = False
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(key, module)
+        self.transforms_input = any(getattr(u, "transforms_input", False) for u in self.values())
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self.transforms_input = any(getattr(u, "transforms_input", False) for u in self.values())
+
+
 class AdaptedLayer(nn.Module):
     """A base layer with weight updates, in the model in place of that layer.
 
@@ -205,7 +220,7 @@ class AdaptedLayer(nn.Module):
         self.base_op = kind.forward
         self.flatten = kind.flatten
         self.kind = kind
-        self.adapters = nn.ModuleDict({name: update})
+        self.adapters = Updates({name: update})
         # the unmerged updates forward applies, in this order; None: all of them (``surgery.set_active_adapters``)
         self.active_adapters: Optional[tuple[str, ...]] = None
         self.enabled = True
@@ -250,7 +265,9 @@ class AdaptedLayer(nn.Module):
         if self.flatten:
             x = x.reshape(-1, shape[-1])
         if adapted or self.exact_base is None:
-            out = self.base_op(self, self._base_input(x) if adapted else x)
+            # _modules, not nn.Module.__getattr__: LoRA's forward pays one dict lookup for the input-transform hook
+            transform = adapted and self._modules["adapters"].transforms_input
+            out = self.base_op(self, self._base_input(x) if transform else x)
         else:  # the base alone over a merged weight: run the kept base instead of unmerging and merging again
             out = self.base_op(_WithWeight(self, self.exact_base.to(self.weight.device, non_blocking=True)), x)
         if adapted:
@@ -270,9 +287,8 @@ class AdaptedLayer(nn.Module):
     def _base_input(self, x: Tensor) -> Tensor:
         """``x`` through the input transforms of the active unmerged updates (multiplicative methods); else ``x``."""
         if self.batch_route is None:
-            updates = self._modules["adapters"]._modules  # not nn.Module.__getattr__: this runs in every forward
             for name in self.active_names():
-                update = updates.get(name)
+                update = self.adapters[name] if name in self.adapters else None
                 if update is not None and update.transforms_input and not update.merged:
                     x = update.transform_input(self, x)
         return x
@@ -508,12 +524,14 @@ class InsertedAdapter(nn.Module):
     attach_name = "adapter"
     rewrites: tuple[str, ...] = ("output",)
     mergeable = False
+    joins_adapters = False  # X-LoRA: added beside the model's weight-update adapters (other inserted ones refuse them)
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "_hooks", [])
         self.enabled = True
+        self.adapter_name = DEFAULT_ADAPTER  # the name it was injected under (set by ``surgery.prepare``)
 
     def hooked_module(self, sublayer: nn.Module) -> nn.Module:
         """The module whose output the adapter rewrites: the sublayer itself unless a method places it elsewhere."""
@@ -567,6 +585,10 @@ class InsertedAdapter(nn.Module):
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Other adapters' parameters this one keeps frozen (X-LoRA's experts); ``freeze_base`` honors it."""
+        return []
 
     # -- only for ``mergeable`` adapters -------------------------------------------------------------------------------
     def merged_tensors(self) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ from . import bottleneck, dora, lora
 from . import boft, bone, hra, oft
 from . import loha, lokr, vera  # additive low-rank family (hada)
 from . import adalora
-from . import bitfit, llama_adapter, prefix, prompt  # inserted family (issue 11)
+from . import bitfit, llama_adapter, prefix, prompt, xlora  # inserted family (issue 11)
 from .base import MethodSpec, whole_model
 
 METHODS: dict[str, MethodSpec] = {
@@ -37,6 +37,7 @@ METHODS: dict[str, MethodSpec] = {
                          find_targets=whole_model),
     "bitfit": MethodSpec("bitfit", bitfit.build_bitfit, bitfit.supports_bitfit, mergeable=True,
                          default_targets=bitfit.default_targets),
+    "xlora": MethodSpec("xlora", xlora.build_xlora, xlora.supports_xlora, mergeable=False, find_targets=whole_model),
 }
 
 
