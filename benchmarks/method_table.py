@@ -33,18 +33,20 @@ import lightning_lora as ll  # noqa: E402
 from lightning_lora.methods.registry import METHODS  # noqa: E402
 from lightning_lora.surgery import parameter_counts  # noqa: E402
 
-VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 512, 128, 344, 4, 4, 2
+# widths divisible by 64, so block methods (OFT, Bone) fit with their default block sizes
+VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 512, 128, 384, 4, 4, 2
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
-    """A Llama-like decoder from a config (no download): d x k weights of 128 x 128, 64 x 128, 344 x 128 and the
-    transposes."""
+    """A Llama-like decoder from a config (no download): d x k weights of 128 x 128, 64 x 128, 384 x 128 and the
+    transposes, with biases (so BitFit has something to train)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                         max_position_embeddings=256, attention_bias=True, mlp_bias=True, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config)
 
 
@@ -120,7 +122,7 @@ def main() -> None:
         rows.append(f"| {name} | {merge} | {trainable:,} | {100 * trainable / total:.2f} | "
                     f"{statistics.mean(times) * 1e3:.1f} ± {spread:.1f} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    print(f"Tiny Llama ({LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocabulary {VOCAB}), batch "
+    print(f"Tiny Llama ({LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocabulary {VOCAB}, biases), batch "
           f"{args.batch} x {args.length} tokens, CPU, {args.threads} thread(s), torch {torch.__version__}; each "
           f"method's default options; mean of {args.steps} steps after {args.warmup} warm-up steps.\n")
     print("| method | mergeable | trainable parameters | % of model | step time (ms) |")

@@ -158,9 +158,8 @@ class LoKrUpdate(WeightUpdate):
         w1, w2 = self.factors()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        # A 3-D w2 (Conv1d with a full w2) meets a 2-D w1 as torch.kron pads it, (1, a, c): PEFT's layout, kept so that
-        # files carry over.
-        # torch.kron views its inputs, which fails on a "contiguous" einsum result with odd strides in size-1 dims
+        # Against a 3-D w2 (Conv1d with a full w2) torch.kron pads w1 to (1, a, c): PEFT's layout, kept so that files
+        # carry over. It views its inputs, which fails on an einsum result whose size-1 dims have odd strides: copy.
         w2 = w2.clone(memory_format=torch.contiguous_format)
         return (torch.kron(w1, w2) * self.scaling).reshape(self.weight_shape)
 
