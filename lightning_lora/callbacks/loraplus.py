@@ -73,18 +73,20 @@ def split_groups(optimizer: Optimizer, schedulers: list[Any], rates: dict[int, t
             if kind == "absolute":
                 new_group["lr"] = value
             optimizer.add_param_group({**new_group, "params": params})
+            extended: set[int] = set()  # chained schedulers may share a list (SequentialLR's _last_lr)
             for scheduler in (part for s in schedulers for part in _scheduler_parts(s)):
-                _extend_scheduler(scheduler, index, factor, len(original) + added)
+                _extend_scheduler(scheduler, index, factor, len(original) + added, extended)
             added += 1
     return added
 
 
-def _extend_scheduler(scheduler: Any, source: int, factor: float, groups_before: int) -> None:
+def _extend_scheduler(scheduler: Any, source: int, factor: float, groups_before: int, extended: set[int]) -> None:
     """Give ``scheduler``'s per-group lists an entry for the appended group, derived from group ``source``."""
     for name in _SCALED_LISTS + _COPIED_LISTS:
         values = getattr(scheduler, name, None)
-        if not isinstance(values, list):
+        if not isinstance(values, list) or id(values) in extended:
             continue
+        extended.add(id(values))
         if len(values) != groups_before:
             raise ConfigError(
                 f"LoRA+ cannot extend {type(scheduler).__name__}.{name} (it has {len(values)} entries for "

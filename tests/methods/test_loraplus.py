@@ -144,3 +144,21 @@ def test_tensor_learning_rates_are_scaled_too() -> None:
     optimizer = torch.optim.Adam([a, b], lr=torch.tensor(0.01))
     split_groups(optimizer, [], {id(b): ("ratio", 4.0)})
     assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([0.01, 0.04])
+
+
+@pytest.mark.parametrize("make_scheduler", [
+    lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=20),
+    lambda opt: torch.optim.lr_scheduler.SequentialLR(opt, [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=3),
+                                                            torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)], [3]),
+], ids=["one-cycle", "sequential"])
+def test_schedulers_keep_the_ratio(make_scheduler) -> None:
+    """Schedulers that keep per-group values in the groups (OneCycleLR) or chain others (SequentialLR)."""
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([a, b], lr=0.01)
+    scheduler = make_scheduler(optimizer)
+    split_groups(optimizer, [scheduler], {id(b): ("ratio", RATIO)})
+    for _ in range(8):
+        optimizer.step()
+        scheduler.step()
+        lr_a, lr_b = (g["lr"] for g in optimizer.param_groups)
+        assert lr_b == pytest.approx(RATIO * lr_a)
