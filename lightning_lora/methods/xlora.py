@@ -159,6 +159,10 @@ class XLoRAClassifier(InsertedAdapter):
     def rewrite_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple[tuple, dict]]:
         if self._scaling_pass:
             return None
+        if module.training and torch.is_grad_enabled() and _checkpointing(module):
+            # the scalings are cleared when the forward ends, before a checkpointed layer is recomputed in backward
+            raise RuntimeError("X-LoRA does not support gradient checkpointing yet: the recomputed layers would not "
+                               "see the scalings. Turn it off (model.gradient_checkpointing_disable()).")
         call = keyword_arguments(module, args, kwargs)
         call.pop("past_key_values", None)
         call.pop("cache", None)
@@ -191,6 +195,12 @@ class XLoRAClassifier(InsertedAdapter):
 
     def extra_repr(self) -> str:
         return f"experts={self.experts}, layers={len(self._layers)}"
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 class _ExpertRoute:

@@ -144,3 +144,12 @@ def test_save_and_load_with_the_experts(experts: list[Path], tmp_path: Path) -> 
     assert fresh.xlora_classifier.experts == ["code", "math"]
     with pytest.raises(Exception, match="Load the experts first"):
         load_adapter(make_llama(), tmp_path / "saved")
+
+
+def test_gradient_checkpointing_is_refused(experts: list[Path]) -> None:
+    model = with_experts(experts)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, mask = batch()
+    with pytest.raises(RuntimeError, match="does not support gradient checkpointing"):
+        outputs(model, ids, mask)
