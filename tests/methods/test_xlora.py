@@ -153,3 +153,20 @@ def test_gradient_checkpointing_is_refused(experts: list[Path]) -> None:
     ids, mask = batch()
     with pytest.raises(RuntimeError, match="does not support gradient checkpointing"):
         outputs(model, ids, mask)
+
+
+def test_trainer_fit_trains_the_classifier(experts: list[Path], tmp_path: Path) -> None:
+    """A real Trainer.fit of a LightningModule whose model holds the experts and X-LoRA (LoRACallback does not inject
+    X-LoRA yet: it takes a model that already has adapters as the adapter to keep training)."""
+    from tiny_modules import TinyLlamaModule, TokensDataModule, trainer
+
+    module = TinyLlamaModule(lr=0.1)
+    for name, path in zip(("code", "math"), experts):
+        load_adapter(module.model, path, name=name)
+    inject(module.model, AdapterConfig.create("xlora"), name="xlora", seed=0)
+    experts_before = {k: v.clone() for k, v in module.model.state_dict().items() if ".adapters." in k}
+    trainer(tmp_path, [], max_epochs=2).fit(module, TokensDataModule())
+    first, second = module.losses[:8], module.losses[8:]
+    assert sum(second) < sum(first), module.losses
+    after = module.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in experts_before.items())  # the experts stayed frozen
