@@ -10,6 +10,8 @@ whole lookup.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,67 @@ def factored_norm(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
     return norm_sq.clamp_min(0).sqrt()
 
 
+class _DoRAOutput(torch.autograd.Function):
+    """DoRA's linear output ``out + s_l L + (s - 1) C``, ``C = base + s_l L`` (``L = B A x``, ``s_l`` LoRA's scaling,
+    ``s = m / n`` per output unit with the norm ``n`` a constant), with its gradients written out so that backward
+    keeps one ``(tokens, out)`` tensor instead of autograd's two (the base output and the LoRA output):
+
+    - ``C`` itself in general (``m``'s gradient is ``sum_tokens(g * C) / n``);
+    - or, with ``keep_output`` (``base`` is ``out - bias`` and no other update of the layer writes into the result in
+      place), the result ``r`` itself: ``r = bias + s C`` makes ``m``'s gradient ``sum_tokens(g * (r - bias)) / m``, and
+      the layer's next operation usually keeps ``r`` anyway (Llama's SiLU and gate product keep the gate and up
+      projections' outputs), so those layers cost nothing extra. An output unit whose magnitude is exactly 0 then gets
+      no magnitude gradient.
+
+    ``s - 1`` is taken in float32 and the two small terms are summed before the large base output (rounding
+    ``m / n`` to bfloat16 first, or adding the terms one by one, would lose a magnitude change below ~0.3%).
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, base: Optional[Tensor], bias: Optional[Tensor], lora: Tensor, magnitude: Tensor,
+                norm: Tensor, lora_scaling: float, keep_output: bool) -> Tensor:
+        dtype = out.dtype
+        scale = magnitude.float() / norm
+        scaled_lora = lora * lora_scaling
+        combined = (out if bias is None else out - bias) if base is None else base
+        combined = combined + scaled_lora
+        result = out + (scaled_lora + (scale - 1).to(dtype) * combined)
+        ctx.keep_output, ctx.base_given, ctx.lora_scaling = keep_output, base is not None, lora_scaling
+        ctx.magnitude_dtype = magnitude.dtype
+        if keep_output:
+            ctx.save_for_backward(result, bias, magnitude, scale)
+        else:
+            ctx.save_for_backward(combined, bias, norm, scale)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        kept, bias, divisor, scale = ctx.saved_tensors
+        dtype = grad.dtype
+        shift = (scale - 1).to(dtype)
+        needs = ctx.needs_input_grad
+        grad_out = grad_base = grad_bias = grad_lora = grad_m = None
+        if ctx.base_given:
+            grad_out = grad
+            grad_base = grad * shift if needs[1] else None
+        else:  # out enters directly and through base = out - bias: g * s, with s - 1 at its own precision
+            grad_out = torch.addcmul(grad, grad, shift) if needs[0] else None
+            if needs[2]:
+                grad_bias = -(grad.sum(0, dtype=torch.float32) * (scale - 1)).to(bias.dtype)
+        if needs[3]:
+            grad_lora = grad * (scale * ctx.lora_scaling).to(dtype)
+        if needs[4]:
+            dot = (grad * kept).sum(0, dtype=torch.float32)
+            if ctx.keep_output:
+                if bias is not None:
+                    dot = dot - bias.float() * grad.sum(0, dtype=torch.float32)
+                grad_m = torch.where(divisor != 0, dot / divisor.float(), torch.zeros_like(dot))
+            else:
+                grad_m = dot / divisor
+            grad_m = grad_m.to(ctx.magnitude_dtype)
+        return grad_out, grad_base, grad_bias, grad_lora, grad_m, None, None, None
+
+
 class DoRAUpdate(LoRAUpdate):
     """DoRA on ``nn.Linear`` or ``Conv1D``: LoRA's A and B plus ``lora_magnitude_vector`` (PEFT's name for m)."""
 
@@ -48,19 +111,17 @@ class DoRAUpdate(LoRAUpdate):
         not use LoRA's in-place path."""
         dtype = out.dtype
         w = layer.linear_weight()
-        scale = self.lora_magnitude_vector.float() / self.column_norm(w)
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            x_in = x
-            base_no_bias = out if layer.bias is None else out - layer.bias
-        else:  # as in PEFT: the magnitude rescales the dropped-out input's base projection
-            x_in = self.lora_dropout(x)
-            base_no_bias = F.linear(x_in.to(dtype), w.to(dtype))
-        after_a = F.linear(x_in.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
-        lora_out = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype) * self.scaling
-        # scale - 1 is taken in float32 (rounding m / ||W|| to bfloat16 first would lose most of it), and the two small
-        # terms are summed before the large base output: added one by one in bfloat16, a magnitude change below ~0.3%
-        # would round away entirely.
-        return out + ((scale - 1).to(dtype) * base_no_bias + scale.to(dtype) * lora_out)
+        norm = self.column_norm(w)
+        base = None  # the base output without bias: out - bias
+        if not (isinstance(self.lora_dropout, nn.Identity) or not self.training):
+            # as in PEFT: the magnitude rescales the dropped-out input's base projection
+            x = self.lora_dropout(x)
+            base = F.linear(x.to(dtype), w.to(dtype))
+        after_a = F.linear(x.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
+        lora = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype)
+        keep_output = base is None and len(layer.adapters) == 1  # nothing else writes into the result in place
+        return _DoRAOutput.apply(out, base, layer.bias, lora, self.lora_magnitude_vector, norm, self.scaling,
+                                 keep_output)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         lora = self.lora_weight() * self.scaling
