@@ -12,15 +12,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_int, _plain, register_config
-from ._orthogonal import (cayley, common_peft_options, divisors_near, drop_blocks, flag, non_negative_int,
-                          peft_file_dict, probability, rotate_blocks)
+from ..config import (
+    ALL_LINEAR,
+    AdapterConfig,
+    ConfigError,
+    _got,
+    _is_int,
+    _plain,
+    register_config,
+)
+from ._orthogonal import (
+    cayley,
+    common_peft_options,
+    divisors_near,
+    drop_blocks,
+    flag,
+    non_negative_int,
+    peft_file_dict,
+    probability,
+    rotate_blocks,
+)
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
 
@@ -39,7 +57,7 @@ class BOFTConfig(AdapterConfig):
     init_weights: bool = True
 
     METHODS: ClassVar[tuple[str, ...]] = ("boft",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "BOFT"
+    PEFT_TYPE: ClassVar[str | None] = "BOFT"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -90,7 +108,7 @@ class BOFTConfig(AdapterConfig):
                               fan_in_fan_out=any(a.kind.fan_in_fan_out for a in layers.values()), **fields)
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "BOFTConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> BOFTConfig:
         names = [f.name for f in dataclasses.fields(cls) if f.name not in AdapterConfig.option_names()]
         return cls(**common_peft_options(data, "BOFT"), **{k: data[k] for k in names if k in data and k != "method"})
 

@@ -12,14 +12,22 @@ PEFT's ``miss_block`` in both, so files are PEFT's MiSS files.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _positive_int, register_config
+from ..config import (
+    ALL_LINEAR,
+    AdapterConfig,
+    ConfigError,
+    _got,
+    _positive_int,
+    register_config,
+)
 from ._orthogonal import common_peft_options, divisors_near, peft_file_dict, probability
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
@@ -35,10 +43,10 @@ class MissConfig(AdapterConfig):
     r: int = 64
     mini_r: int = 1
     miss_dropout: float = 0.0
-    init_weights: Union[bool, str] = True
+    init_weights: bool | str = True
 
     METHODS: ClassVar[tuple[str, ...]] = ("bone", "miss")
-    PEFT_TYPE: ClassVar[Optional[str]] = "MISS"
+    PEFT_TYPE: ClassVar[str | None] = "MISS"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -65,7 +73,7 @@ class MissConfig(AdapterConfig):
                               init_weights="bat" if self.method == "bone" else self.init_weights)
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "MissConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> MissConfig:
         init = data.get("init_weights", True)
         return cls(**common_peft_options(data, "MISS"), method="bone" if init == "bat" else "miss",
                    r=data.get("r", 64), mini_r=data.get("mini_r", 1), miss_dropout=data.get("miss_dropout", 0.0),

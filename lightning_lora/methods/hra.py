@@ -13,13 +13,23 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_real, _plain, _positive_int, register_config
+from ..config import (
+    ALL_LINEAR,
+    AdapterConfig,
+    ConfigError,
+    _got,
+    _is_real,
+    _plain,
+    _positive_int,
+    register_config,
+)
 from ._orthogonal import common_peft_options, flag, peft_file_dict
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
@@ -38,7 +48,7 @@ class HRAConfig(AdapterConfig):
     init_weights: bool = True
 
     METHODS: ClassVar[tuple[str, ...]] = ("hra",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "HRA"
+    PEFT_TYPE: ClassVar[str | None] = "HRA"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -48,7 +58,8 @@ class HRAConfig(AdapterConfig):
         flag("apply_GS", self.apply_GS)
         flag("init_weights", self.init_weights)
         if not _is_real(self.orth_reg_weight) or not 0 <= self.orth_reg_weight < math.inf:
-            raise ConfigError(f"orth_reg_weight must be a number >= 0 such as 1e-4 (0: off), {_got(self.orth_reg_weight)}.")
+            raise ConfigError(f"orth_reg_weight must be a number >= 0 such as 1e-4 (0: off), "
+                              f"{_got(self.orth_reg_weight)}.")
         self.orth_reg_weight = _plain(self.orth_reg_weight)
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict:
@@ -57,7 +68,7 @@ class HRAConfig(AdapterConfig):
                               init_weights=self.init_weights)
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "HRAConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> HRAConfig:
         return cls(**common_peft_options(data, "HRA"), r=data.get("r", 8), apply_GS=data.get("apply_GS", False),
                    init_weights=data.get("init_weights", True))
 
@@ -118,7 +129,7 @@ class HRAUpdate(WeightUpdate):
         return (torch.eye(u.shape[1], device=u.device, dtype=u.dtype) - u.T @ u).square().sum()
 
 
-def orthogonality_regularizer(layers: Mapping[str, nn.Module]) -> Optional[Tensor]:
+def orthogonality_regularizer(layers: Mapping[str, nn.Module]) -> Tensor | None:
     """``orth_reg_weight * sum ||I - U^T U||_F^2`` over the model's HRA layers; None when the weight is 0."""
     updates = [u for layer in layers.values() for u in getattr(layer, "adapters", {}).values()
                if isinstance(u, HRAUpdate) and not u.merged and u.config.orth_reg_weight > 0]

@@ -10,15 +10,37 @@ before use, as PEFT does. The tensor ``oft_R.weight`` holds the strict upper tri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_int, _is_real, _plain, register_config
-from ._orthogonal import (cayley, cayley_neumann, common_peft_options, divisors_near, drop_blocks, flag,
-                          non_negative_int, packed, peft_file_dict, probability, rotate_blocks, skew)
+from ..config import (
+    ALL_LINEAR,
+    AdapterConfig,
+    ConfigError,
+    _got,
+    _is_int,
+    _is_real,
+    _plain,
+    register_config,
+)
+from ._orthogonal import (
+    cayley,
+    cayley_neumann,
+    common_peft_options,
+    divisors_near,
+    drop_blocks,
+    flag,
+    non_negative_int,
+    packed,
+    peft_file_dict,
+    probability,
+    rotate_blocks,
+    skew,
+)
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
 NEUMANN_FORMAT = "0.18.0"  # PEFT's Cayley-Neumann series changed in 0.18; files say they hold the newer one
@@ -44,7 +66,7 @@ class OFTConfig(AdapterConfig):
     init_weights: bool = True
 
     METHODS: ClassVar[tuple[str, ...]] = ("oft",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "OFT"
+    PEFT_TYPE: ClassVar[str | None] = "OFT"
 
     def __post_init__(self) -> None:
         if self.target_modules is None:
@@ -86,7 +108,7 @@ class OFTConfig(AdapterConfig):
                               fan_in_fan_out=any(a.kind.fan_in_fan_out for a in layers.values()), **fields)
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "OFTConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> OFTConfig:
         if "oft_block_size" not in data:
             raise ConfigError("This OFT adapter predates PEFT 0.14 (no oft_block_size), whose OFT computed "
                               "differently; retrain it with a current PEFT or lightning_lora.")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -162,8 +163,8 @@ def assert_refused_before_any_change(model: nn.Module, match: str, method: str, 
 
 
 def assert_fit_and_resume(tmp_path: Path, **callback_options: Any) -> None:
-    """A real Trainer.fit lowers the loss of most batches (and their mean) from epoch 1 to epoch 2, and one epoch, a checkpoint and
-    one more epoch resumed from it end with the adapter and losses of the two epochs straight."""
+    """A real Trainer.fit lowers the loss of most batches (and their mean) from epoch 1 to epoch 2; one epoch, a
+    checkpoint and one more epoch resumed from it end with the adapter and losses of the two epochs straight."""
     pl.seed_everything(0)
     straight = TinyLlamaModule(lr=5e-2)
     trainer(tmp_path / "a", [ll.LoRACallback(**callback_options)], max_epochs=2).fit(straight, TokensDataModule())

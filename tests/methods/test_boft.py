@@ -11,9 +11,17 @@ import torch
 from conftest import make_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from orthogonal_checks import (assert_files_load_both_ways, assert_fit_and_resume, assert_merge_round_trip,
-                               assert_refused_before_any_change, assert_same_as_peft, assert_starts_at_the_base,
-                               cli_config, peft_boft_butterflies, peft_pair)
+from orthogonal_checks import (
+    assert_files_load_both_ways,
+    assert_fit_and_resume,
+    assert_merge_round_trip,
+    assert_refused_before_any_change,
+    assert_same_as_peft,
+    assert_starts_at_the_base,
+    cli_config,
+    peft_boft_butterflies,
+    peft_pair,
+)
 from peft_oracle import PEFT_WARNINGS
 
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -45,7 +53,7 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     import peft
 
     with peft_boft_butterflies():
-        base, ours, theirs = peft_pair("boft", {"target_modules": TARGETS, "boft_block_size": 4,
+        _, ours, theirs = peft_pair("boft", {"target_modules": TARGETS, "boft_block_size": 4,
                                                 "boft_n_butterfly_factor": 2},
                                        peft.BOFTConfig(target_modules=TARGETS, boft_block_size=4,
                                                        boft_n_butterfly_factor=2))
@@ -91,8 +99,8 @@ def test_fit_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"boft_block_size": 5}, r"BOFT cannot split model\.layers\.0\.self_attn\.q_proj \(in_features=32\) with "
-                             r"boft_block_size=5: 32 is not divisible by 5"),
+    ({"boft_block_size": 5}, (r"BOFT cannot split model\.layers\.0\.self_attn\.q_proj \(in_features=32\) with "
+                              r"boft_block_size=5: 32 is not divisible by 5")),
     ({"boft_block_size": 8, "boft_n_butterfly_factor": 4}, r"4 butterfly factors need in_features divisible by 8"),
     ({"boft_block_num": 3}, r"32 is not divisible by 3"),
 ])

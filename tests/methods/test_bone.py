@@ -11,9 +11,16 @@ import torch
 from conftest import make_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from orthogonal_checks import (assert_files_load_both_ways, assert_fit_and_resume, assert_merge_round_trip,
-                               assert_refused_before_any_change, assert_same_as_peft, assert_starts_at_the_base,
-                               cli_config, peft_pair)
+from orthogonal_checks import (
+    assert_files_load_both_ways,
+    assert_fit_and_resume,
+    assert_merge_round_trip,
+    assert_refused_before_any_change,
+    assert_same_as_peft,
+    assert_starts_at_the_base,
+    cli_config,
+    peft_pair,
+)
 from peft_oracle import PEFT_WARNINGS
 
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -43,7 +50,7 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path, method: str, ours: dic
                                           theirs: dict[str, Any]) -> None:
     import peft
 
-    base, mine, peft_model = peft_pair(method, {"target_modules": TARGETS, **ours},
+    _, mine, peft_model = peft_pair(method, {"target_modules": TARGETS, **ours},
                                        peft.MissConfig(target_modules=TARGETS, **theirs))
     assert_files_load_both_ways(tmp_path, mine, peft_model)
 

@@ -10,9 +10,16 @@ import torch
 from conftest import make_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from orthogonal_checks import (assert_files_load_both_ways, assert_fit_and_resume, assert_merge_round_trip,
-                               assert_refused_before_any_change, assert_same_as_peft, assert_starts_at_the_base,
-                               cli_config, peft_pair)
+from orthogonal_checks import (
+    assert_files_load_both_ways,
+    assert_fit_and_resume,
+    assert_merge_round_trip,
+    assert_refused_before_any_change,
+    assert_same_as_peft,
+    assert_starts_at_the_base,
+    cli_config,
+    peft_pair,
+)
 from peft_oracle import PEFT_WARNINGS
 
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -34,7 +41,7 @@ def test_same_outputs_and_gradients_as_peft(options: dict[str, Any]) -> None:
 def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     import peft
 
-    base, ours, theirs = peft_pair("hra", {"target_modules": TARGETS, "r": 4},
+    _, ours, theirs = peft_pair("hra", {"target_modules": TARGETS, "r": 4},
                                    peft.HRAConfig(target_modules=TARGETS, r=4))
     assert_files_load_both_ways(tmp_path, ours, theirs)
 

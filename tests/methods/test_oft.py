@@ -10,9 +10,16 @@ import torch
 from conftest import make_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from orthogonal_checks import (assert_files_load_both_ways, assert_fit_and_resume, assert_merge_round_trip,
-                               assert_refused_before_any_change, assert_same_as_peft, assert_starts_at_the_base,
-                               cli_config, peft_pair)
+from orthogonal_checks import (
+    assert_files_load_both_ways,
+    assert_fit_and_resume,
+    assert_merge_round_trip,
+    assert_refused_before_any_change,
+    assert_same_as_peft,
+    assert_starts_at_the_base,
+    cli_config,
+    peft_pair,
+)
 from peft_oracle import PEFT_WARNINGS
 
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -43,7 +50,7 @@ def test_same_outputs_and_gradients_as_peft(ours: dict[str, Any], theirs: dict[s
 def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     import peft
 
-    base, ours, theirs = peft_pair("oft", {"target_modules": TARGETS, "r": 4, "use_cayley_neumann": False},
+    _, ours, theirs = peft_pair("oft", {"target_modules": TARGETS, "r": 4, "use_cayley_neumann": False},
                                    peft.OFTConfig(target_modules=TARGETS, r=4, oft_block_size=0,
                                                   use_cayley_neumann=False))
     assert_files_load_both_ways(tmp_path, ours, theirs)
@@ -96,8 +103,8 @@ def test_fit_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("options,match", [
-    ({"oft_block_size": 5}, r"OFT cannot split model\.layers\.0\.self_attn\.q_proj \(in_features=32\) into "
-                            r"oft_block_size=5: 32 is not divisible by 5\. Use oft_block_size in \[2, 4, 8\]"),
+    ({"oft_block_size": 5}, (r"OFT cannot split model\.layers\.0\.self_attn\.q_proj \(in_features=32\) into "
+                             r"oft_block_size=5: 32 is not divisible by 5\. Use oft_block_size in \[2, 4, 8\]")),
     ({"r": 3}, r"into r=3: 32 is not divisible by 3"),
 ])
 def test_indivisible_layers_are_refused_before_any_change(options: dict[str, Any], match: str) -> None:
