@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .atomic import PathLike, check_export_target, export_directory, write_json
 from .distributed import full_tensor
 from .export import MERGED_KIND, MERGED_WEIGHTS
-from .methods.base import AdaptedLayer
+from .methods.base import AdaptedLayer, dense
 from .surgery import adapters, base_state_dict, weight_adapters
 
 INDEX = "model.safetensors.index.json"
@@ -50,7 +50,7 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        whole = full_tensor(tensor.detach())
+        whole = _gathered_dense(tensor.detach())
         layer = layers.get(key)
         if layer is not None:
             whole = _merged(layer, whole)
@@ -59,6 +59,12 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                                  "no merged model was written.")
         yield key, whole.cpu()
         del whole
+
+
+def _gathered_dense(tensor: Tensor) -> Tensor:
+    """``tensor`` whole and plain: a sharded quantized weight (NF4 under FSDP2) is gathered in its format (torchao's
+    NF4 implements the gather) and dequantized whole, since a shard's block metadata is the full tensor's."""
+    return dense(full_tensor(tensor))
 
 
 def _merged(layer: AdaptedLayer, weight: Tensor) -> Tensor:

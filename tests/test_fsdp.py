@@ -32,16 +32,17 @@ def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, tor
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    out = tmp_path_factory.mktemp("one")
-    return out, train(out, 1, 8, "--export-merged")
+NF4 = '{"format": "nf4", "block_size": 16, "scaler_block_size": 4}'  # block sizes that divide the tiny weights
 
 
-@pytest.mark.parametrize("adapters", ["sharded", "replicated"])
-def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, single, adapters: str) -> None:
-    one_dir, one = single
-    two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters, "--export-merged")
+@pytest.mark.parametrize(("adapters", "quantize"), [("sharded", "null"), ("replicated", NF4)], ids=["sharded", "nf4"])
+def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: str, quantize: str) -> None:
+    """Sharded adapters over a float32 base; replicated adapters over an NF4 base (quantized before sharding, so
+    FSDP2 shards the NF4 weights; the merged export dequantizes each gathered weight)."""
+    one_dir = tmp_path / "one"
+    one = train(one_dir, 1, 8, "--export-merged", "--quantize", quantize)
+    two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters, "--export-merged",
+                "--quantize", quantize)
     assert two.keys() == one.keys() and len(one) == 8
     for key in one:
         torch.testing.assert_close(two[key], one[key], **TOL, msg=key)

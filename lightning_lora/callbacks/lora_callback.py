@@ -348,6 +348,20 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={trainer.world_size}, "
                 "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
             )
+        if self.merge_options.get("merge_target", "dequantized") != "dequantized":
+            raise ConfigError(
+                f"LoRACallback(merge_target={self.merge_options['merge_target']!r}) is not available under "
+                "ModelParallelStrategy: the sharded merged export writes the 'dequantized' target (dequant(Wq) + dW, "
+                "one gathered weight at a time). Drop merge_target, or merge the saved adapter on one device with "
+                "lightning_lora.quantize_merge."
+            )
+        precision = str(getattr(trainer.precision_plugin, "precision", ""))
+        if self.quantize is not None and precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"LoRACallback(quantize=...) under ModelParallelStrategy with precision={precision!r}: the cast of the "
+                "sharded model would dequantize the base. Use precision='bf16-mixed' (or '32-true' with "
+                "shard_model(..., mp_policy=MixedPrecisionPolicy(...)))."
+            )
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
