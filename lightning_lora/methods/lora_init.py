@@ -16,13 +16,14 @@ rebuilds the residual from them, whatever a second decomposition would have roun
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, LoRAConfig
-from .base import AdaptedLayer, base_kind, linear_weight
+from .base import DEQUANTIZERS, AdaptedLayer, base_kind, linear_weight
 from .lora import LoRAUpdate
 
 
@@ -80,8 +81,14 @@ class ResidualLoRAUpdate(LoRAUpdate):
 
     def on_detach(self, layer: AdaptedLayer) -> None:
         """Unmerged: W_res + s B0 A0 gives the original weight back (up to rounding). Merged, the weight already is
-        W_res + s B A = W + the trained update, which is what a merged unload means."""
+        W_res + s B A = W + the trained update, which is what a merged unload means. A quantized residual (QPiSSA)
+        cannot take the principal part back in place: it stays the residual, with a warning."""
         if not self.merged and self._layer is layer:
+            if type(layer.weight) in DEQUANTIZERS:
+                warnings.warn("lightning_lora: the unloaded layer keeps its quantized PiSSA/OLoRA residual (the "
+                              "principal part cannot be added to a quantized weight in place); reload the original "
+                              "base, or merge with lightning_lora.quantize.merge_quantized first.", stacklevel=3)
+                return
             self._shift_base(layer, self.init_delta())
             layer.source_sample = None
             object.__setattr__(self, "_layer", None)

@@ -265,3 +265,11 @@ def test_quantized_merge_into_the_original_weights() -> None:
     merged, _ = merged_quantized_state_dict(model, "original", original=base.state_dict(), report=None)
     for key, weight in expected.items():
         torch.testing.assert_close(merged[key], weight, rtol=0, atol=1e-6)
+
+
+def test_unloading_a_quantized_residual_warns() -> None:
+    model = adapted(make_llama(), "pissa", ["q_proj"])
+    ll.quantize_base(model, {"format": "nf4", "scaler_block_size": 16})
+    with pytest.warns(UserWarning, match="keeps its quantized PiSSA/OLoRA residual"):
+        unload(model)
+    assert not adapters(model)
