@@ -5,7 +5,8 @@ The LoRA paper (Table 1) reports 20-30% extra latency for adapter layers at batc
 Llama and one small GPT-2 from configs (no download), injects each method with its default options (LoRA unmerged as
 the yardstick of a weight update), and times ``model(input_ids)`` for one sequence: the median of ``--runs`` timed
 forwards after a warm-up, interleaved with the base model's so that machine load hits both alike. Trainable
-parameter counts are reported on the same models. BitFit runs on GPT-2 only (Llama has no biases).
+parameter counts are reported on the same models. BitFit runs on GPT-2 only (Llama has no biases); X-LoRA gates two
+LoRA experts (r 8 on the attention projections; only its classifier trains) and runs the model twice.
 
     python benchmarks/inserted_overhead.py                      # the Markdown table on stdout
     python benchmarks/inserted_overhead.py --runs 50 --seq 128 --threads 1
@@ -29,7 +30,8 @@ from lightning_lora.config import AdapterConfig  # noqa: E402
 from lightning_lora.surgery import inject, parameter_counts  # noqa: E402
 
 METHODS = [("lora", {}), ("houlsby", {}), ("pfeiffer", {}), ("llama_adapter", {}),
-           ("prefix", {}), ("prefix", {"prefix_projection": True}), ("prompt", {}), ("bitfit", {})]
+           ("prefix", {}), ("prefix", {"prefix_projection": True}), ("prompt", {}), ("bitfit", {}), ("xlora", {})]
+EXPERT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 
 
 def make_llama(hidden: int, layers: int) -> torch.nn.Module:
@@ -87,7 +89,12 @@ def main() -> None:
             if method == "bitfit" and family == "llama":
                 continue
             model = copy.deepcopy(base)
-            inject(model, AdapterConfig.create(method, **options), seed=0)
+            if method == "xlora":  # two LoRA experts (r 8, attention projections) under the classifier
+                for seed, expert in enumerate(("a", "b")):
+                    inject(model, AdapterConfig.create("lora", target_modules=EXPERT_TARGETS[family]), seed=seed,
+                           name=expert)
+            inject(model, AdapterConfig.create(method, **options), seed=0,
+                   **({"name": "xlora"} if method == "xlora" else {}))
             trainable = parameter_counts(model)[0]
             base_s, adapted_s = median_times([base, model], ids, args.runs)
             shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
