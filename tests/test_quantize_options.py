@@ -135,3 +135,14 @@ def test_model_summary_counts_quantized_weights_by_logical_size(name: str) -> No
         expected.total_parameters, expected.trainable_parameters)
     assert ll.parameter_counts(quantized) == ll.parameter_counts(plain)
     assert summary.total_parameters == sum(p.numel() for p in make_llama().parameters()) + summary.trainable_parameters
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("double", [True, False])
+def test_our_nf4_dequantization_equals_torchaos_bit_for_bit(dtype: torch.dtype, double: bool) -> None:
+    from lightning_lora.quantize import _dequantize_nf4, _nf4_quantize
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    nf4 = _nf4_quantize(weight, NF4Config(block_size=64, scaler_block_size=16, double_quantization=double))
+    ours, theirs = _dequantize_nf4(nf4), nf4.get_original_weight()
+    assert ours.dtype == theirs.dtype == dtype and torch.equal(ours, theirs)
