@@ -84,7 +84,7 @@ class AdaLoRAConfig(AdapterConfig):
         """PEFT's ``adapter_config.json`` of an AdaLoRA adapter, with the final ranks as ``rank_pattern``."""
         target_spec, _ = exact_targets(list(layers), module_paths)
         updates = {p: a.adapters[next(iter(a.adapters))] for p, a in layers.items()}
-        total = self.total_step or max((u.planned_steps for u in updates.values()), default=0)
+        total = self.total_step or max((int(u.planned_steps) for u in updates.values()), default=0)
         return {
             "peft_type": "ADALORA", "task_type": model_info.get("task_type"),
             "base_model_name_or_path": model_info.get("base_model_name_or_path"),
@@ -125,7 +125,7 @@ class AdaLoRAUpdate(WeightUpdate):
               (torch.float32, torch.float64) else base_layer.weight.dtype}
         # alpha / (r0 + 1e-5) as PEFT computes it, a Python float: reading the ranknum tensor in forward would
         # break torch.compile graphs
-        self.r, self.scaling, self.planned_steps = r, config.alpha / (config.init_r + 1e-5), 0
+        self.r, self.scaling = r, config.alpha / (config.init_r + 1e-5)
         self.file_pattern: Optional[list[bool]] = None  # the rank_pattern entry this update was built from
         self.lora_A = nn.Parameter(torch.randn(r, in_features, **kw) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
@@ -133,6 +133,8 @@ class AdaLoRAUpdate(WeightUpdate):
         self.register_buffer("ranknum", torch.tensor(float(config.init_r), **kw), persistent=False)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=kw["device"]))
+        # the schedule's length when total_step is None (the first run's planned steps; a resumed run keeps it)
+        self.register_buffer("planned_steps", torch.zeros((), dtype=torch.long, device=kw["device"]))
         for name in TRIPLET:  # PEFT's RankAllocator.exp_avg_ipt and exp_avg_unc, per tensor
             self.register_buffer(f"{name}_ipt", torch.zeros_like(getattr(self, name)))
             self.register_buffer(f"{name}_unc", torch.zeros_like(getattr(self, name)))
@@ -209,13 +211,13 @@ def allocate(adapters: dict[str, nn.Module], step: int, planned_steps: float) ->
     if not updates:
         return None
     config = updates[0].config
-    total = config.total_step or planned_steps
+    total = config.total_step or int(updates[0].planned_steps) or planned_steps
     if not math.isfinite(total):
         raise ConfigError("AdaLoRA needs the number of training steps: set total_step, or max_steps/max_epochs.")
     total = int(total)
     check_schedule(config.tinit, config.tfinal, total)
     for update in updates:
-        update.planned_steps = total
+        update.planned_steps.fill_(total)
     end = total - config.tfinal
     if step > end:  # the final phase: the allocation is fixed, masked triplets stay at zero
         for update in updates:

@@ -150,6 +150,20 @@ def test_fit_shrinks_ranks_to_target_and_resumes(tmp_path: Path) -> None:
     assert any(k.endswith("lora_E_ipt") for k in expected) and expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert {int(a.adapters["default"].planned_steps) for a in layers.values()} == {16}
+
+
+def test_resumed_run_keeps_the_planned_schedule(tmp_path: Path) -> None:
+    """With total_step unset, the schedule is the first run's plan (8 steps here), kept in the checkpoint: a resume
+    with more epochs continues that schedule instead of starting another."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, [adalora_callback(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule())
+    resumed = TinyLlamaModule()
+    trainer(tmp_path, [adalora_callback()], max_epochs=2).fit(resumed, TokensDataModule(),
+                                                              ckpt_path=checkpoint.last_model_path)
+    layers = adapters(resumed.model)
+    assert {int(a.adapters["default"].planned_steps) for a in layers.values()} == {8}
+    assert sum(int(a.adapters["default"].rank_mask.sum()) for a in layers.values()) == 2 * len(layers)
 
 
 @pytest.mark.parametrize("options,message", [
