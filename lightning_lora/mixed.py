@@ -1,12 +1,12 @@
 """Mixed-adapter batches: each example of a batch names its adapter (or none), and one forward applies each
 example's own update, in training as in inference and ``generate``, without a loop over the batch.
 
-On each adapted layer the LoRA factors of the adapters in the batch are concatenated along the rank,
-``A = [A_1; ...; A_n]`` (R x in) and ``B = [B_1 ... B_n]`` (out x R), and a mask keeps, for each row, the rank columns
-of that row's adapter (times its scaling): ``out += ((x A^T) * mask) B^T``. That is two GEMMs of rank R = sum of the
-ranks instead of r, so the extra cost is that of an n-times wider LoRA (small beside the base GEMM), whatever the
-mix. Gradients flow only through each row's own columns, so every adapter gets exactly the gradient of its own
-examples. Other weight-update methods take a generic path (each adapter's update computed on the whole batch and
+On each adapted layer the LoRA factors of the adapters in the batch are stacked (zero-padded to the largest rank, the
+scaling folded into B, plus a zero slot for "no adapter"), gathered per example (``A[adapter_of_example]``: a few
+hundred KiB, not per token), and applied to each example's rows by two batched GEMMs: ``out_i += x_i A_i^T B_i^T``.
+Each row costs one rank-r LoRA whatever the number of adapters, so a mixed batch costs about what a single-adapter
+batch does. The gather's backward scatters each example's gradient into its own adapter's slot, so every adapter gets
+exactly the gradient of its own examples. Other weight-update methods take a generic path (each adapter's update computed on the whole batch and
 selected per row: n update passes); methods that transform the base layer's input (OFT, BOFT, HRA) cannot mix.
 
 Rows are mapped to examples batch-major: a layer input of shape (batch * k, ...) or (batch, ...) (also a 2-D
@@ -38,7 +38,20 @@ class BatchRoute:
         self.names = names  # the adapters in the batch; example i uses names[index[i]] (index -1: none)
         self.index = index
         self._on: dict[torch.device, Tensor] = {}
+        self._slots: dict[tuple, Tensor] = {}
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def slots(self, present: list[int], device: torch.device) -> Tensor:
+        """Adapter position in the batch -> its slot among a layer's ``present`` adapters (absent ones and -1: the
+        zero slot ``len(present)``); cached, so that no forward copies to the device."""
+        key = (tuple(present), device)
+        table = self._slots.get(key)
+        if table is None:
+            values = [len(present)] * (len(self.names) + 1)
+            for slot, k in enumerate(present):
+                values[k] = slot
+            table = self._slots[key] = torch.tensor(values, device=device)
+        return table
 
     def check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """A forward pre-hook on the model: its input's batch must be the examples named (or a multiple of them, as
@@ -50,7 +63,7 @@ class BatchRoute:
                 f"given for {self.index.shape[0]}; give one adapter name (or None) per example of the batch."
             )
 
-    def rows(self, count: int, device: torch.device) -> Tensor:
+    def rows(self, count: int, device: torch.device, expand: bool = True) -> Tensor:
         """The adapter index of each of ``count`` rows (examples batch-major, each repeated ``count / batch`` times)."""
         index = self._on.get(device)
         if index is None:
@@ -61,15 +74,16 @@ class BatchRoute:
                 f"A layer got {count} rows for a batch of {batch} examples with per-example adapters; the rows must be "
                 "the examples, batch-major (each repeated equally). Give one adapter name per example of the batch."
             )
-        return index if count == batch else index.repeat_interleave(count // batch)
+        return index if count == batch or not expand else index.repeat_interleave(count // batch)
 
     def __call__(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         present = [(k, layer.adapters[n]) for k, n in enumerate(self.names) if n in layer.adapters]
         if not present:
             return out
-        rows = self.rows(x.shape[0], x.device)
         if layer.kind.family == "linear" and all(type(u) is LoRAUpdate for _, u in present):
-            return _lora_rows(x, out, present, rows)
+            self.rows(x.shape[0], x.device, expand=False)  # checks the rows are the examples
+            return _lora_rows(x, out, present, self._on[x.device], self.slots([k for k, _ in present], x.device))
+        rows = self.rows(x.shape[0], x.device)
         for k, update in present:  # any other method: its update on every row, kept on its own rows
             delta = update(layer, x, out.clone()) - out
             keep = (rows == k).view(-1, *[1] * (out.dim() - 1)).to(out.dtype)
@@ -77,16 +91,23 @@ class BatchRoute:
         return out
 
 
-def _lora_rows(x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]], rows: Tensor) -> Tensor:
-    """``out`` plus each row's own LoRA update: two GEMMs over the concatenated factors and a row/rank mask."""
-    dtype = out.dtype
-    a = torch.cat([u.lora_A.weight.to(dtype) for _, u in present])  # (R, in)
-    b = torch.cat([u.lora_B.weight.to(dtype) for _, u in present], dim=1)  # (out, R)
-    owner = torch.cat([torch.full((u.r,), k, device=x.device) for k, u in present])
-    scale = torch.cat([torch.full((u.r,), u.scaling, device=x.device, dtype=dtype) for _, u in present])
-    mask = (rows.unsqueeze(1) == owner).to(dtype) * scale  # (rows, R)
-    hidden = F.linear(_dropout(x, present, rows), a) * mask
-    return out.addmm_(hidden, b.t())
+def _lora_rows(x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]], index: Tensor, slots: Tensor
+               ) -> Tensor:
+    """``out`` plus each example's own LoRA update: the factors stacked per adapter (zero-padded to the largest rank,
+    the scaling folded into B, a zero slot for examples without an adapter on this layer), gathered per example, and
+    two batched GEMMs over the examples' rows: each row costs one rank-r LoRA, whatever the number of adapters."""
+    dtype, batch = out.dtype, index.shape[0]
+    r_max = max(u.r for _, u in present)
+    a = torch.stack([F.pad(u.lora_A.weight.to(dtype), (0, 0, 0, r_max - u.r)) for _, u in present]
+                    + [x.new_zeros(r_max, x.shape[1], dtype=dtype)])  # (n + 1, r, in)
+    b = torch.stack([F.pad(u.lora_B.weight.to(dtype) * u.scaling, (0, r_max - u.r)) for _, u in present]
+                    + [x.new_zeros(out.shape[1], r_max, dtype=dtype)])  # (n + 1, out, r)
+    per_example = slots[index]  # index -1 (no adapter) reads the last entry: the zero slot
+    rows = x.shape[0] // batch
+    x_in = _dropout(x, present, index.repeat_interleave(rows)).to(dtype).view(batch, rows, -1)
+    hidden = torch.bmm(x_in, a[per_example].transpose(1, 2))  # (batch, rows, r)
+    out.view(batch, rows, -1).baddbmm_(hidden, b[per_example].transpose(1, 2))
+    return out
 
 
 def _dropout(x: Tensor, present: list[tuple[int, LoRAUpdate]], rows: Tensor) -> Tensor:
