@@ -268,14 +268,12 @@ def merge_quantized(model: nn.Module, target: str = "dequantized", original: Opt
     """
     state, result = merged_quantized_state_dict(model, target, original, dtype, report=None)
     before = _output(model, probe) if probe is not None else None
-    layers = quantized_layers(model)
-    for path, layer in adapters(model).items():
-        if isinstance(layer, AdaptedLayer) and path not in layers:
-            layer.check_mergeable()
-    for path, layer in layers.items():  # the update is in the weight now: the adapters go
+    for path, layer in quantized_layers(model).items():  # the update is in the weight now: the adapters go
         weight, linear = state[f"{path}.weight"], layer.original_module
         if target == "requantized":
-            _set_submodule(model, path, FrozenQuantizedLinear(linear, weight))
+            frozen = FrozenQuantizedLinear(linear, weight)
+            frozen.quantization = layer.quantization
+            _set_submodule(model, path, frozen)
         else:
             linear.weight = nn.Parameter(weight, requires_grad=False)
             _set_submodule(model, path, linear)
