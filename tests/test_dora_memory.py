@@ -94,7 +94,7 @@ def test_backward_keeps_one_output_sized_tensor_or_the_output_itself() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(d_in, d_out, bias=False))
         ll.inject(model, ll.AdapterConfig.create(method, r=4, target_modules=["0"]))
-        total, kept, out = saved_bytes(lambda: model(x))
+        total, kept, out = saved_bytes(lambda model=model: model(x))
         output_sized = [t for t in kept if t.numel() == tokens * d_out]
         sizes[method] = (total, output_sized, out)
     lora_total, lora_big, _ = sizes["lora"]

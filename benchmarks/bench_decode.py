@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Decode cost of adapters: HF ``generate``, batch 1, greedy, on random-weight Llama-3.2-1B shapes in bf16: the base
+model, PEFT's LoRA unmerged, ours unmerged, ours merged (and PEFT merged), in one process on one card.
+
+Correctness first: every adapted variant gets the same LoRA weights (B non-zero, so the adapter changes the output);
+on a float32 copy of the model (``--check-layers`` decoder layers) our greedy tokens must equal PEFT's, unmerged and
+merged, and the prompt's logits must agree to ``--rtol``; on the timed bf16 model the prompt's logits of ours and
+PEFT's are compared relative to PEFT's largest value (bf16 rounding: up to ``--bf16-rtol``) and the share of equal
+greedy tokens is printed (random weights give near-ties, so bf16 paths may part after a while; not a failure).
+
+Timing: ``--new-tokens`` tokens after a ``--prompt``-token prompt, ``min_new_tokens`` forcing the full length, KV cache
+on; each variant runs ``--rounds`` times after one warm-up and the best round counts: ms per generated token (the
+prompt's prefill included, amortized). Every row names its card and its ratio to the base row of the same run.
+
+    python benchmarks/bench_decode.py                # the GPU run
+    python benchmarks/bench_decode.py --tiny         # a CPU smoke run with tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import lightning_lora as ll  # noqa: E402
+from _models import (  # noqa: E402
+    LLAMA_1B, TINY, build_base, copy_adapters_to_peft, describe_run, device_name, free, llama_config, sync, wrap_peft,
+)
+
+NAMES = ["lora_A", "lora_B"]
+
+
+def adapted_pair(base, args):
+    """(ours, PEFT) over copies of ``base`` with the same random LoRA weights (B scaled so the adapter matters)."""
+    ours = copy.deepcopy(base)
+    ll.inject(ours, ll.AdapterConfig.create("lora", r=args.r, alpha=args.alpha, target_modules="all-linear",
+                                           init_weights=False))
+    with torch.no_grad():
+        for layer in ll.adapters(ours).values():
+            layer.adapters["default"].lora_B.weight.mul_(args.b_scale)
+    peft = wrap_peft(copy.deepcopy(base), "lora", args.r, args.alpha)
+    copy_adapters_to_peft(ours, peft, NAMES)
+    return ours.eval(), peft.eval()
+
+
+def greedy(model, ids, new_tokens: int) -> torch.Tensor:
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+@torch.no_grad()
+def prompt_logits(model, ids) -> torch.Tensor:
+    return model(input_ids=ids).logits.float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def check(args, device: str) -> bool:
+    """float32: our greedy tokens equal PEFT's, unmerged and merged; prompt logits within ``--rtol``."""
+    config = llama_config(TINY if args.tiny else LLAMA_1B, args.check_layers)
+    base = build_base(config, torch.float32, device, seed=1).eval()
+    ours, peft = adapted_pair(base, args)
+    ids = torch.randint(3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(3)).to(device)
+    ok = True
+    theirs, their_logits = greedy(peft, ids, args.check_tokens), prompt_logits(peft, ids)
+    for label in ("unmerged", "merged"):
+        if label == "merged":
+            ll.merge(ours)
+            peft.merge_adapter()
+            theirs, their_logits = greedy(peft, ids, args.check_tokens), prompt_logits(peft, ids)
+        mine = greedy(ours, ids, args.check_tokens)
+        same = torch.equal(mine, theirs)
+        r = rel(prompt_logits(ours, ids), their_logits)
+        good = same and r <= args.rtol
+        ok &= good
+        print(f"[check fp32 {label}] greedy tokens {'equal' if same else 'DIFFER'} to PEFT's "
+              f"({args.check_tokens} tokens), prompt logits max rel diff {r:.1e} (rtol {args.rtol:g}) "
+              f"{'ok' if good else 'FAIL'}")
+    base_logits = prompt_logits(base, ids)
+    print(f"[check fp32] the adapter changes the logits by {rel(their_logits, base_logits):.1e} of their largest value")
+    del base, ours, peft
+    free(device)
+    return ok
+
+
+def time_generate(model, ids, args, device: str) -> tuple[float, torch.Tensor]:
+    out = greedy(model, ids, args.new_tokens)  # warm-up (allocator, kernels)
+    best = float("inf")
+    for _ in range(args.rounds):
+        sync(device)
+        t = time.perf_counter()
+        out = greedy(model, ids, args.new_tokens)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3 / args.new_tokens, out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke run)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the 1B's 16)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--b-scale", type=float, default=0.02, help="B's random init is scaled by this (default 0.02)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens (default 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per round (default 128)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds per variant; the best counts (default 4)")
+    p.add_argument("--check-layers", type=int, default=2)
+    p.add_argument("--check-tokens", type=int, default=16)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--bf16-rtol", type=float, default=0.1)
+    p.add_argument("--skip-check", action="store_true")
+    args = p.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
+    print(describe_run(device))
+    ok = True
+    if not args.skip_check:
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ok = check(args, device)
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+    config = llama_config(TINY if args.tiny else LLAMA_1B, args.layers)
+    base = build_base(config, torch.bfloat16, device, seed=0).eval()
+    ours, peft = adapted_pair(base, args)
+    ids = torch.randint(3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(4)).to(device)
+    r = rel(prompt_logits(ours, ids), prompt_logits(peft, ids))
+    ok &= r <= args.bf16_rtol
+    print(f"[check bf16] prompt logits ours vs PEFT: max rel diff {r:.1e} (rtol {args.bf16_rtol:g}) "
+          f"{'ok' if r <= args.bf16_rtol else 'FAIL'}")
+    print(f"timing: {config.num_hidden_layers} layers, hidden {config.hidden_size}, bf16, sdpa, batch 1, prompt "
+          f"{args.prompt}, {args.new_tokens} new tokens, best of {args.rounds} rounds, LoRA r={args.r} on all "
+          f"{len(ll.adapters(ours))} linear layers")
+
+    rows: list[tuple[str, float, torch.Tensor]] = []
+    for name, model, prepare in [
+        ("base", base, None),
+        ("PEFT unmerged", peft, None),
+        ("ours unmerged", ours, None),
+        ("ours merged", ours, lambda: ll.merge(ours)),
+        ("PEFT merged", peft, lambda: peft.merge_adapter()),
+    ]:
+        if prepare is not None:
+            prepare()
+        ms, tokens = time_generate(model, ids, args, device)
+        rows.append((name, ms, tokens))
+        print(f"{name}: {ms:.2f} ms/token", flush=True)
+
+    reference = {name: tokens for name, _, tokens in rows}
+    base_ms = rows[0][1]
+    card = device_name(device)
+    print("\n| variant | device | ms/token (best of %d) | vs base | greedy tokens equal to |" % args.rounds)
+    print("| --- | --- | ---: | ---: | --- |")
+    for name, ms, tokens in rows:
+        twin = {"ours unmerged": "PEFT unmerged", "ours merged": "PEFT merged", "PEFT merged": "PEFT unmerged"}.get(name)
+        equal = "—" if twin is None else (
+            f"{twin}: {(tokens == reference[twin]).float().mean().item() * 100:.0f}% of positions")
+        print(f"| {name} | {card} | {ms:.2f} | {ms / base_ms:.2f}x | {equal} |")
+    print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
