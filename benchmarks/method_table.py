@@ -5,10 +5,11 @@ Iterates ``lightning_lora.methods.registry.METHODS`` with each method's default 
 appear without changes here), trains through a real ``Trainer.fit`` with ``LoRACallback(method=...)`` (so methods
 that hook the training loop, such as AdaLoRA's budget or LoRA+'s optimizer groups, run as users run them), and times
 each optimizer step after a warm-up. A full fine-tuning row (no adapter, every weight trained) is the yardstick.
-A method that cannot run on this model with its defaults gets a row that says why.
+A method that cannot run on this model with its defaults gets a row that says why. The methods run in several rounds
+(each a fresh fit), so that a slow spell of a shared machine is spread over all of them rather than one.
 
     python benchmarks/method_table.py                 # the Markdown table on stdout
-    python benchmarks/method_table.py --steps 20 --only lora,loha,vera
+    python benchmarks/method_table.py --steps 20 --rounds 1 --only lora,loha,vera
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def run(method: str | None, steps: int, warmup: int, batch: torch.Tensor) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method and round (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="fits per method, interleaved (default 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
@@ -107,24 +109,35 @@ def main() -> None:
     batch = torch.randint(3, VOCAB, (count, args.length), generator=torch.Generator().manual_seed(0))
     methods = [m for m in METHODS if not args.only or m in args.only.split(",")]
 
+    counts: dict = {}
+    times: dict = {method: [] for method in [None, *methods]}
+    failed: dict = {}
+    for round_ in range(args.rounds):
+        for method in times:
+            if method in failed:
+                continue
+            quiet()
+            try:
+                *counts[method], steps = run(method, args.steps, args.warmup, batch)
+                times[method] += steps
+            except Exception as err:  # a row that says why, not a crash of the whole table
+                failed[method] = f"not run: {type(err).__name__}: {str(err).split('. ')[0].replace('|', '/')[:110]}"
+            print(f"round {round_ + 1}: {method or 'full fine-tuning'} done", file=sys.stderr, flush=True)
     rows = []
-    for method in [None, *methods]:
-        quiet()
+    for method, steps in times.items():
         name = "full fine-tuning" if method is None else method
         merge = "-" if method is None else ("yes" if METHODS[method].mergeable else "no")
-        try:
-            trainable, total, times = run(method, args.steps, args.warmup, batch)
-        except Exception as err:  # a row that says why, not a crash of the whole table
-            reason = str(err).split(". ")[0].replace("|", "/")[:110]
-            rows.append(f"| {name} | {merge} | - | - | not run: {type(err).__name__}: {reason} |")
+        if method in failed:
+            rows.append(f"| {name} | {merge} | - | - | {failed[method]} |")
             continue
-        spread = statistics.stdev(times) * 1e3 if len(times) > 1 else 0.0
+        trainable, total = counts[method]
+        spread = statistics.stdev(steps) * 1e3 if len(steps) > 1 else 0.0
         rows.append(f"| {name} | {merge} | {trainable:,} | {100 * trainable / total:.2f} | "
-                    f"{statistics.mean(times) * 1e3:.1f} ± {spread:.1f} |")
-        print(rows[-1], file=sys.stderr, flush=True)
+                    f"{statistics.mean(steps) * 1e3:.1f} ± {spread:.1f} |")
     print(f"Tiny Llama ({LAYERS} layers, hidden {HIDDEN}, intermediate {INTERMEDIATE}, vocabulary {VOCAB}, biases), batch "
           f"{args.batch} x {args.length} tokens, CPU, {args.threads} thread(s), torch {torch.__version__}; each "
-          f"method's default options; mean of {args.steps} steps after {args.warmup} warm-up steps.\n")
+          f"method's default options; mean (± standard deviation) of {args.rounds} x {args.steps} steps, each fit after "
+          f"{args.warmup} warm-up steps, rounds interleaved across methods.\n")
     print("| method | mergeable | trainable parameters | % of model | step time (ms) |")
     print("|---|---|---:|---:|---:|")
     print("\n".join(rows))
