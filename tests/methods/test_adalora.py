@@ -228,3 +228,22 @@ def test_conv2d_matches_peft_both_ways(tmp_path: Path) -> None:
         torch.testing.assert_close(back(x), expected, rtol=1e-5, atol=1e-6)
         merge(ours)
         torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_allocates_once_per_optimizer_step(tmp_path: Path, monkeypatch) -> None:
+    """after_step runs once per optimizer step (here every second batch), with the step index from 0."""
+    import dataclasses
+
+    from lightning_lora.methods.registry import METHODS
+
+    steps: list[int] = []
+
+    def counting(found, step, planned):
+        steps.append(step)
+        return adalora.allocate(found, step, planned)
+
+    monkeypatch.setitem(METHODS, "adalora", dataclasses.replace(METHODS["adalora"], after_step=counting))
+    module = TinyLlamaModule()
+    trainer(tmp_path, [adalora_callback()], max_epochs=2, accumulate_grad_batches=2).fit(module, TokensDataModule())
+    assert steps == list(range(8))
+    assert {int(a.adapters["default"].planned_steps) for a in adapters(module.model).values()} == {8}
