@@ -175,7 +175,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         compile: torch.compile each transformer block in place (regional: one block's graph serves all), with
             use_cache off while compiled: None is on when the Trainer's device is CUDA, true/false, a mode
             (max-autotune, ...), or a dict of torch.compile options plus cache (true: keep the compile cache in
-            <export_dir or default_root_dir>/compile_cache.bin so the next run starts fast; a path; false)
+            <export_dir, else default_root_dir/lightning_lora>/compile_cache.bin so the next run starts fast; a
+            path; false)
             (lightning_lora.plugins.compile).
     """
 
@@ -398,7 +399,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             rank_zero_info("lightning_lora: the LightningModule was compiled whole (trainer.fit(torch.compile(...))); "
                            "not compiling its blocks again")
             return
-        self._compile_cache = cache_path(self.compile_policy, self.export_dir or trainer.default_root_dir)
+        # not under log_dir, which a logger numbers anew for every run: the next run of the job must find it
+        self._compile_cache = cache_path(self.compile_policy,
+                                         self.export_dir or Path(trainer.default_root_dir) / "lightning_lora")
         load_cache(self._compile_cache)
         self._compiled = compile_regions(self._root, self.compile_policy)
         rank_zero_info(f"lightning_lora: compiled {len(self._compiled.paths)} blocks "

@@ -56,8 +56,8 @@ class CompilePolicy:
     """What the callback's ``compile=`` option says. ``enabled`` None: on when the Trainer's root device is CUDA.
 
     ``backend``/``mode``/``dynamic``/``fullgraph``/``options`` go to ``torch.compile`` for each block. ``cache``: True
-    keeps the compile cache in ``<export_dir or default_root_dir>/compile_cache.bin``, a path names that file, False
-    keeps none.
+    keeps the compile cache in ``<export_dir, else default_root_dir/lightning_lora>/compile_cache.bin`` (not
+    under ``log_dir``, which a logger numbers anew each run), a path names that file, False keeps none.
     """
 
     enabled: Optional[bool] = None
