@@ -195,3 +195,21 @@ def cli_config(tmp_path: Path, *args: str) -> AdapterConfig:
                   auto_configure_optimizers=False)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
     return callback.config
+
+
+def assert_over_quantized_base(method: str, **options: Any) -> None:
+    """Over an int8 base the update gives the outputs it gives over the dequantized weights, and trains."""
+    from lightning_lora.methods.base import dense
+    from lightning_lora.quantize import quantize_base
+
+    model = make_llama()
+    inject(model, AdapterConfig.create(method, target_modules=["q_proj", "up_proj"], init_weights=False, **options),
+           seed=0)
+    reference = copy.deepcopy(model)
+    quantize_base(model, {"format": "int8"})
+    with torch.no_grad():
+        for path, layer in adapters(model).items():
+            adapters(reference)[path].weight.copy_(dense(layer.weight).float())
+        torch.testing.assert_close(logits(model, tokens()), logits(reference, tokens()), rtol=1e-5, atol=1e-5)
+    square_loss(logits(model, tokens())).backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in ll.surgery.adapter_parameters(model))

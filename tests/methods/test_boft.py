@@ -15,6 +15,7 @@ from orthogonal_checks import (
     assert_files_load_both_ways,
     assert_fit_and_resume,
     assert_merge_round_trip,
+    assert_over_quantized_base,
     assert_refused_before_any_change,
     assert_same_as_peft,
     assert_starts_at_the_base,
@@ -123,3 +124,7 @@ def test_cli(tmp_path: Path) -> None:
                         "--lora.boft_n_butterfly_factor=2", "--lora.target_modules=[q_proj]")
     assert config == AdapterConfig.create("boft", boft_block_size=4, boft_n_butterfly_factor=2,
                                           target_modules=["q_proj"])
+
+
+def test_over_a_quantized_base() -> None:
+    assert_over_quantized_base("boft", boft_block_size=4, boft_n_butterfly_factor=2)

@@ -15,6 +15,7 @@ from orthogonal_checks import (
     assert_files_load_both_ways,
     assert_fit_and_resume,
     assert_merge_round_trip,
+    assert_over_quantized_base,
     assert_refused_before_any_change,
     assert_same_as_peft,
     assert_starts_at_the_base,
@@ -120,3 +121,8 @@ def test_invalid_options(method: str, options: dict[str, Any], match: str) -> No
 def test_cli(tmp_path: Path) -> None:
     config = cli_config(tmp_path, "--lora.method=bone", "--lora.r=4", "--lora.target_modules=[q_proj]")
     assert config == AdapterConfig.create("bone", r=4, target_modules=["q_proj"])
+
+
+@pytest.mark.parametrize("method", ["bone", "miss"])
+def test_over_a_quantized_base(method: str) -> None:
+    assert_over_quantized_base(method, r=8)

@@ -14,6 +14,7 @@ from orthogonal_checks import (
     assert_files_load_both_ways,
     assert_fit_and_resume,
     assert_merge_round_trip,
+    assert_over_quantized_base,
     assert_refused_before_any_change,
     assert_same_as_peft,
     assert_starts_at_the_base,
@@ -126,3 +127,7 @@ def test_cli(tmp_path: Path) -> None:
     config = cli_config(tmp_path, "--lora.method=hra", "--lora.r=2", "--lora.apply_GS=true",
                         "--lora.orth_reg_weight=0.001", "--lora.target_modules=[q_proj]")
     assert config == AdapterConfig.create("hra", r=2, apply_GS=True, orth_reg_weight=0.001, target_modules=["q_proj"])
+
+
+def test_over_a_quantized_base() -> None:
+    assert_over_quantized_base("hra", r=4)

@@ -14,6 +14,7 @@ from orthogonal_checks import (
     assert_files_load_both_ways,
     assert_fit_and_resume,
     assert_merge_round_trip,
+    assert_over_quantized_base,
     assert_refused_before_any_change,
     assert_same_as_peft,
     assert_starts_at_the_base,
@@ -128,3 +129,7 @@ def test_cli(tmp_path: Path) -> None:
     config = cli_config(tmp_path, "--lora.method=oft", "--lora.oft_block_size=4", "--lora.coft=true",
                         "--lora.target_modules=[q_proj]")
     assert config == AdapterConfig.create("oft", oft_block_size=4, coft=True, target_modules=["q_proj"])
+
+
+def test_over_a_quantized_base() -> None:
+    assert_over_quantized_base("oft", oft_block_size=8)
