@@ -17,6 +17,7 @@ import lightning_lora as ll
 from lightning_lora.config import ConfigError
 from lightning_lora.methods.base import MergeError
 from lightning_lora.quantize import (
+    FrozenQuantizedLinear,
     Int4Config,
     Int8Config,
     NF4Config,
@@ -263,8 +264,9 @@ def test_true_half_precision_keeps_the_base_quantized(tmp_path: Path) -> None:
 
 
 def test_ddp_with_an_nf4_base_trains_as_one_process(tmp_path: Path) -> None:
-    """Two gloo processes over an NF4 base: DDP's wrap-time broadcast skips the quantized weights, and the adapter
-    equals one process's trained on the same global batch (run in this process)."""
+    """Two gloo processes over an NF4 base (every frozen linear layer quantized, the 4 adapted ones and the 10 without an
+    adapter): DDP's wrap-time broadcast skips the quantized weights, and the adapter equals one process's trained on
+    the same global batch (run in this process)."""
     import json
     import os
     import subprocess
@@ -273,7 +275,7 @@ def test_ddp_with_an_nf4_base_trains_as_one_process(tmp_path: Path) -> None:
     from safetensors.torch import load_file
     from tiny_modules import TinyLlamaModule as Module
 
-    options = {"format": "nf4", "block_size": 32, "scaler_block_size": 8}
+    options = {"format": "nf4", "block_size": 32, "scaler_block_size": 8, "modules": "all-linear"}
     script = Path(__file__).with_name("ddp_train.py")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script), "--devices", "2", "--batch-size", "4", "--out",
@@ -288,6 +290,7 @@ def test_ddp_with_an_nf4_base_trains_as_one_process(tmp_path: Path) -> None:
     module = Module(lr=1e-2)
     trainer(tmp_path, [callback], deterministic=False).fit(module, TokensDataModule(count=32, batch_size=8))
     assert len(quantized_layers(module.model)) == 4
+    assert sum(isinstance(m, FrozenQuantizedLinear) for m in module.model.modules()) == 10
     single = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     assert single.keys() == ddp.keys() and len(single) == 8
     for key in single:
