@@ -98,7 +98,11 @@ class OFTConfig(AdapterConfig):
                 f"OFT cannot split {path} (in_features={in_features}) into {option}={wanted}: {in_features} is not "
                 f"divisible by {wanted}. Use {option} in {near} (PEFT would silently pick the nearest), or leave "
                 f"{path} out with exclude_modules.")
-        return (wanted, in_features // wanted) if self.r else (in_features // wanted, wanted)
+        count, size = (wanted, in_features // wanted) if self.r else (in_features // wanted, wanted)
+        if size < 2:
+            raise ConfigError(f"OFT with {option}={wanted} gives {path} 1 x 1 blocks, which have nothing to train (a "
+                              "1 x 1 rotation is 1); use blocks of size 2 or more.")
+        return count, size
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict:
         """PEFT's ``adapter_config.json`` for OFT."""

@@ -107,6 +107,7 @@ def test_fit_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
     ({"oft_block_size": 5}, (r"OFT cannot split model\.layers\.0\.self_attn\.q_proj \(in_features=32\) into "
                              r"oft_block_size=5: 32 is not divisible by 5\. Use oft_block_size in \[2, 4, 8\]")),
     ({"r": 3}, r"into r=3: 32 is not divisible by 3"),
+    ({"r": 32}, r"OFT with r=32 gives model\.layers\.0\.self_attn\.q_proj 1 x 1 blocks"),
 ])
 def test_indivisible_layers_are_refused_before_any_change(options: dict[str, Any], match: str) -> None:
     assert_refused_before_any_change(make_llama(), match, "oft", target_modules=["q_proj"], **options)
