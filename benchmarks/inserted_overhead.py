@@ -24,10 +24,10 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-from lightning_lora.config import AdapterConfig  # noqa: E402
-from lightning_lora.surgery import inject, parameter_counts  # noqa: E402
+from lightning_lora.config import AdapterConfig
+from lightning_lora.surgery import inject, parameter_counts
 
 METHODS = [("lora", {}), ("houlsby", {}), ("pfeiffer", {}), ("llama_adapter", {}),
            ("prefix", {}), ("prefix", {"prefix_projection": True}), ("prompt", {}), ("bitfit", {}), ("xlora", {})]

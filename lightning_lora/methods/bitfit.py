@@ -11,7 +11,7 @@ the trained biases, named as in the model (``<module>.bias``). PEFT has no BitFi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ class BitFitConfig(AdapterConfig):
     METHODS: ClassVar[tuple[str, ...]] = ("bitfit",)
 
 
-def own_bias(module: nn.Module) -> Optional[nn.Parameter]:
+def own_bias(module: nn.Module) -> nn.Parameter | None:
     """The floating-point 1-D bias ``module`` holds itself (not one of its children's), or None."""
     bias = module._parameters.get("bias")
     return bias if isinstance(bias, nn.Parameter) and bias.is_floating_point() and bias.dim() == 1 else None

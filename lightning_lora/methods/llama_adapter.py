@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +38,10 @@ class LlamaAdapterConfig(AdapterConfig):
 
     method: str = "llama_adapter"
     adapter_len: int = 10
-    adapter_layers: Optional[int] = None
+    adapter_layers: int | None = None
 
     METHODS: ClassVar[tuple[str, ...]] = ("llama_adapter",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "ADAPTION_PROMPT"
+    PEFT_TYPE: ClassVar[str | None] = "ADAPTION_PROMPT"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,7 +72,7 @@ class LlamaAdapterConfig(AdapterConfig):
                 "adapter_len": self.adapter_len, "adapter_layers": len(layers), "inference_mode": True}
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "LlamaAdapterConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> LlamaAdapterConfig:
         return cls(target_modules=data.get("target_modules"), adapter_len=data.get("adapter_len", 10),
                    adapter_layers=data.get("adapter_layers"))
 
@@ -82,7 +82,7 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _style(attention: nn.Module) -> Optional[str]:
+def _style(attention: nn.Module) -> str | None:
     """``"llama"`` (q/k/v/o projections and rotary embeddings given to forward) or ``"gpt2"`` (fused ``c_attn``)."""
     children = dict(attention.named_children())
     if {"q_proj", "k_proj", "v_proj", "o_proj"} <= children.keys() and hasattr(attention, "head_dim"):

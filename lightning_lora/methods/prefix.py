@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +34,10 @@ class PrefixConfig(AdapterConfig):
     method: str = "prefix"
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
-    encoder_hidden_size: Optional[int] = None
+    encoder_hidden_size: int | None = None
 
     METHODS: ClassVar[tuple[str, ...]] = ("prefix",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "PREFIX_TUNING"
+    PEFT_TYPE: ClassVar[str | None] = "PREFIX_TUNING"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,7 +60,7 @@ class PrefixConfig(AdapterConfig):
                 "prefix_projection": self.prefix_projection, "inference_mode": True}
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "PrefixConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> PrefixConfig:
         # a saved adapter (inference_mode) holds the projected prefix only: the MLP was a training device
         projection = bool(data.get("prefix_projection")) and not data.get("inference_mode", False)
         if data.get("num_transformer_submodules", 1) not in (1, None):
@@ -77,7 +77,7 @@ def _text_config(model: nn.Module) -> Any:
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
 
 
-def _cache_keyword(model: nn.Module) -> Optional[str]:
+def _cache_keyword(model: nn.Module) -> str | None:
     """The name under which ``model.forward`` takes a key/value cache (``cache`` in transformers 5.x)."""
     parameters = inspect.signature(model.forward).parameters
     return next((n for n in ("cache", "past_key_values") if n in parameters), None)

@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,11 @@ class PromptConfig(AdapterConfig):
     method: str = "prompt"
     num_virtual_tokens: int = 20
     prompt_tuning_init: str = "RANDOM"
-    prompt_tuning_init_text: Optional[str] = None
+    prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: Any = None  # a local tokenizer path, or a tokenizer object (Python API only)
 
     METHODS: ClassVar[tuple[str, ...]] = ("prompt",)
-    PEFT_TYPE: ClassVar[Optional[str]] = "PROMPT_TUNING"
+    PEFT_TYPE: ClassVar[str | None] = "PROMPT_TUNING"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,7 +85,7 @@ class PromptConfig(AdapterConfig):
                 "tokenizer_name_or_path": _tokenizer_name(self.tokenizer_name_or_path), "inference_mode": True}
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "PromptConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> PromptConfig:
         if data.get("num_transformer_submodules", 1) not in (1, None):
             raise ConfigError("PEFT prompt adapter is for an encoder-decoder model (num_transformer_submodules=2); "
                               "lightning_lora supports decoder-only models.")
@@ -93,11 +93,11 @@ class PromptConfig(AdapterConfig):
         return cls(num_virtual_tokens=data.get("num_virtual_tokens", 20))
 
 
-def _tokenizer_name(tokenizer: Any) -> Optional[str]:
+def _tokenizer_name(tokenizer: Any) -> str | None:
     return tokenizer if isinstance(tokenizer, (str, type(None))) else getattr(tokenizer, "name_or_path", None) or None
 
 
-def _init_token_ids(config: PromptConfig, vocab_size: int) -> Optional[list[int]]:
+def _init_token_ids(config: PromptConfig, vocab_size: int) -> list[int] | None:
     """The vocabulary tokens whose embeddings start the prompt (PEFT's rule: the text's tokens repeated and cut to
     ``num_virtual_tokens``); None for ``RANDOM``."""
     n = config.num_virtual_tokens

@@ -18,9 +18,9 @@ scaling pass recomputes the whole sequence, so the key/value cache is off while 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,13 +35,13 @@ class XLoRAConfig(AdapterConfig):
     """X-LoRA over the LoRA adapters named in ``experts`` (None: every adapter of the model, in the order added)."""
 
     method: str = "xlora"
-    experts: Optional[list[str]] = None
-    hidden_size: Optional[int] = None
+    experts: list[str] | None = None
+    hidden_size: int | None = None
     enable_softmax: bool = True
     enable_softmax_topk: bool = False
     softmax_temperature: float = 1.0
     layerwise_scalings: bool = False
-    top_k_lora: Optional[int] = None
+    top_k_lora: int | None = None
     xlora_depth: int = 1
     xlora_size: int = 2048
     xlora_dropout_p: float = 0.2
@@ -138,7 +138,7 @@ class XLoRAClassifier(InsertedAdapter):
             object.__setattr__(self, "_generation_cache", None)
         super().detach(sublayer)
 
-    def _route(self, scalings: Optional[Tensor]) -> None:
+    def _route(self, scalings: Tensor | None) -> None:
         object.__setattr__(self, "_scalings", scalings)
         for index, layer in enumerate(self._layers):
             layer.batch_route = None if scalings is None else _ExpertRoute(self, index)
@@ -156,7 +156,7 @@ class XLoRAClassifier(InsertedAdapter):
             scalings = torch.softmax(scalings.masked_fill(~nonzero, float("-inf")), dim=-1).masked_fill(~nonzero, 0.0)
         return scalings
 
-    def rewrite_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Optional[tuple[tuple, dict]]:
+    def rewrite_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
         if self._scaling_pass:
             return None
         if module.training and torch.is_grad_enabled() and _checkpointing(module):

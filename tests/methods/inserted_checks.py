@@ -4,8 +4,9 @@ files, generation with and without a cache, unload, a real Trainer fit and the C
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from conftest import VOCAB
@@ -140,7 +141,7 @@ def check_bad_option(make: Callable[[], nn.Module], method: str, options: dict[s
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def check_fit_lowers_loss(tmp_path: Path, module: Optional[TinyLlamaModule] = None, **callback_options: Any
+def check_fit_lowers_loss(tmp_path: Path, module: TinyLlamaModule | None = None, **callback_options: Any
                           ) -> TinyLlamaModule:
     """A real Trainer.fit with LoRACallback(method=...): each batch's loss is lower in the second epoch than in the
     first, only adapter tensors train, and the adapter export is written."""

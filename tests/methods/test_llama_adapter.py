@@ -20,7 +20,6 @@ from inserted_checks import (
     check_same_as_peft_files,
     outputs,
 )
-
 from tiny_modules import TinyLlamaModule
 
 from lightning_lora.config import AdapterConfig

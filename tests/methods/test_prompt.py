@@ -16,9 +16,7 @@ from inserted_checks import (
     check_generate_uses_the_cache_correctly,
     check_round_trip_and_unload,
     check_same_as_peft_files,
-    outputs,
 )
-
 from tiny_modules import TinyLlamaModule
 
 from lightning_lora.config import AdapterConfig
