@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_int, _is_real, _positive_int, _positive_real, \
-    _probability, exact_targets, register_config
+from ..config import (ALL_LINEAR, AdapterConfig, ConfigError, _got, _is_int, _is_real, _positive_int, _positive_real,
+                      _probability, exact_targets, register_config)
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
 TRIPLET = ("lora_A", "lora_E", "lora_B")  # Q, E, P in the paper's names; the rank is dim 0 of A and E, dim 1 of B
@@ -99,7 +99,7 @@ class AdaLoRAConfig(AdapterConfig):
         }
 
     @classmethod
-    def from_peft_dict(cls, data: dict[str, Any]) -> "AdaLoRAConfig":
+    def from_peft_dict(cls, data: dict[str, Any]) -> AdaLoRAConfig:
         if data.get("target_modules") is None:
             raise ConfigError("PEFT AdaLoRA config has no target_modules; set them to the module names.")
         renamed = {"alpha": "lora_alpha", "dropout": "lora_dropout", "kept_triplets": "rank_pattern"}
