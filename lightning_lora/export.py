@@ -39,12 +39,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return _merge(model)[0]
 
 
-def _merge(model: nn.Module, target: str = "dequantized", original: Optional[OriginalWeights] = None
-           ) -> tuple[dict[str, Tensor], Optional[MergeReport]]:
+def _merge(model: nn.Module, target: str = "dequantized", original: Optional[OriginalWeights] = None,
+           probe: Any = None) -> tuple[dict[str, Tensor], Optional[MergeReport]]:
     """``merged_state_dict`` for ``target``, and the ``MergeReport`` of its quantized layers (None when no weight is
     quantized; then only the ``dequantized`` target, the plain merge, is accepted)."""
     if quantized_layers(model) or frozen_quantized_layers(model):
-        return merged_quantized_state_dict(model, target, original, report=None)
+        return merged_quantized_state_dict(model, target, original, probe=probe, report=None)
     if target not in MERGE_TARGETS:
         raise MergeError(f"Unknown merge target {target!r}: use one of {MERGE_TARGETS}.")
     if target != "dequantized":
@@ -95,7 +95,7 @@ def _print_report(report: MergeReport) -> None:
 
 def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None,
                   report: Optional[Callable[[MergeReport], None]] = _print_report, merge_target: str = "dequantized",
-                  original: Optional[OriginalWeights] = None) -> Path:
+                  original: Optional[OriginalWeights] = None, probe: Any = None) -> Path:
     """Write ``model`` with its adapters merged, without changing ``model``.
 
     Over a quantized base (QLoRA) ``merge_target`` chooses the merged weights (``lightning_lora.quantize_merge``):
@@ -103,7 +103,8 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None,
     (back into the base's format: a smaller file, which loses most of a LoRA update in 4 bits) or ``original`` (dW
     added to the full-precision weights in ``original``: a safetensors file, ``save_pretrained`` directory, state dict
     or module). The merge's measured ``MergeReport`` is logged at INFO (logger ``lightning_lora.export``) and handed to
-    ``report`` (default: printed; None: only logged).
+    ``report`` (default: printed; None: only logged); ``probe`` (a batch: a tensor or a dict of keyword arguments)
+    adds the change of the model's output to it.
 
     A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
     ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
@@ -122,7 +123,7 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None,
             f"AutoTokenizer.from_pretrained(name)), got {type(tokenizer).__name__} {tokenizer!r:.60}."
         )
     check_export_target(directory, MERGED_KIND)
-    state, merge_report = _merge(model, merge_target, original)
+    state, merge_report = _merge(model, merge_target, original, probe)
     from transformers import PreTrainedModel
 
     with export_directory(directory, MERGED_KIND) as staging:

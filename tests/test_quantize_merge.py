@@ -89,8 +89,10 @@ def test_export_merged_for_each_target_reloads_to_the_merged_model(tmp_path: Pat
         expected = reference(TOKENS).logits
         model, reports = adapted(FORMATS[name]), []
         directory = ll.export_merged(model, tmp_path / target, merge_target=target, original=tmp_path / "base",
-                                     report=reports.append)
+                                     report=reports.append, probe=TOKENS)
         assert len(reports) == 1 and reports[0].target == target and len(quantized_layers(model)) == 14
+        assert reports[0].logits_max_diff == pytest.approx((model(TOKENS).logits - expected).abs().max().item(),
+                                                           rel=1e-3, abs=1e-6)
         if target == "requantized":
             assert not (directory / "model.safetensors").exists(), "transformers must not take it for its own"
             loaded = ll.load_quantized(directory)  # the architecture from its config.json
