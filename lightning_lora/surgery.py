@@ -97,7 +97,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     adapters is given back its original module."""
     check_names(model, name)
     found = adapters(model)
-    if any(isinstance(a, InsertedAdapter) for a in found.values()):
+    inserted = {path: a for path, a in found.items() if isinstance(a, InsertedAdapter)}
+    joined = [a for a in inserted.values() if a.joins_adapters]
+    if any(a.adapter_name == name for a in joined):  # X-LoRA itself: its experts stay
+        for path, adapter in inserted.items():
+            if adapter.adapter_name == name:
+                adapter.detach(model.get_submodule(path))
+        freeze_base(model)
+        return
+    if joined:
+        raise ConfigError(f"Adapter {name!r} is one of the experts {joined[0].adapter_name!r} "
+                          f"({joined[0].config.method}) gates; delete_adapter(model, {joined[0].adapter_name!r}) first.")
+    if inserted:
         unload(model)
         return
     for path, layer in found.items():

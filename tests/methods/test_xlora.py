@@ -170,3 +170,14 @@ def test_trainer_fit_trains_the_classifier(experts: list[Path], tmp_path: Path) 
     assert sum(second) < sum(first), module.losses
     after = module.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in experts_before.items())  # the experts stayed frozen
+
+
+def test_delete_the_gating_keeps_the_experts(experts: list[Path]) -> None:
+    from lightning_lora.surgery import adapter_names, delete_adapter
+
+    model = with_experts(experts)
+    with pytest.raises(Exception, match="one of the experts 'xlora'"):
+        delete_adapter(model, "code")
+    delete_adapter(model, "xlora")
+    assert adapter_names(model) == ["code", "math"] and "" not in adapters(model)
+    assert all(layer.batch_route is None for layer in adapters(model).values())
