@@ -130,9 +130,10 @@ class HRAUpdate(WeightUpdate):
 
 
 def orthogonality_regularizer(layers: Mapping[str, nn.Module]) -> Tensor | None:
-    """``orth_reg_weight * sum ||I - U^T U||_F^2`` over the model's HRA layers; None when the weight is 0."""
+    """``orth_reg_weight * sum ||I - U^T U||_F^2`` over the model's trained HRA layers; None when there are none
+    (or the weight is 0)."""
     updates = [u for layer in layers.values() for u in getattr(layer, "adapters", {}).values()
-               if isinstance(u, HRAUpdate) and not u.merged and u.config.orth_reg_weight > 0]
+               if isinstance(u, HRAUpdate) and u.hra_u.requires_grad and u.config.orth_reg_weight > 0]
     if not updates:
         return None
     return sum(u.config.orth_reg_weight * u.orthogonality_gap() for u in updates)
