@@ -146,12 +146,12 @@ class BOFTUpdate(WeightUpdate):
         self.register_buffer("perm", perms.to(weight.device), persistent=False)
         self.register_buffer("inverse_perm", torch.argsort(perms, dim=1).to(weight.device), persistent=False)
 
-    def rotations(self) -> Tensor:
-        """The orthogonal blocks ``(factors, blocks, b, b)``; in training, ``boft_dropout`` sets some of one factor's
-        blocks to ``I`` (drawn as PEFT draws them)."""
+    def rotations(self, dropout: bool = False) -> Tensor:
+        """The orthogonal blocks ``(factors, blocks, b, b)``; with ``dropout`` (the forward in training),
+        ``boft_dropout`` sets some of one factor's blocks to ``I`` (drawn as PEFT draws them)."""
         a = self.boft_R.flatten(0, 1)
         blocks = cayley(0.5 * (a - a.transpose(-2, -1))).view_as(self.boft_R)
-        if self.training and self.config.boft_dropout > 0:
+        if dropout and self.config.boft_dropout > 0:
             chosen = int(torch.randint(0, blocks.shape[0], (1,)).item())
             dropped = drop_blocks(blocks[chosen], self.config.boft_dropout)
             blocks = torch.cat([blocks[:chosen], dropped[None], blocks[chosen + 1:]])
@@ -159,7 +159,7 @@ class BOFTUpdate(WeightUpdate):
 
     def transform_input(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
         """``x M = x B_m ... B_0``, each ``x B_i = ((x P_i) diag(R_i)) P_i^T`` done as gathers."""
-        blocks = self.rotations()
+        blocks = self.rotations(dropout=self.training)
         h = x.to(blocks.dtype)
         for i in reversed(range(blocks.shape[0])):
             h = rotate_blocks(h[..., self.inverse_perm[i]], blocks[i])[..., self.perm[i]]

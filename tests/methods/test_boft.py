@@ -86,12 +86,18 @@ def test_dropout_sets_some_blocks_of_one_factor_to_the_identity() -> None:
     inject(model, AdapterConfig.create("boft", target_modules=["0"], boft_block_size=2, boft_dropout=0.5,
                                        boft_n_butterfly_factor=2, init_weights=False))
     update = model[0].adapters["default"]
-    update.train()
-    blocks = update.rotations()
+    blocks = update.rotations(dropout=True)
     identity = (blocks == torch.eye(2)).flatten(2).all(-1)  # (factors, blocks)
     assert identity.sum() == 2 and identity.any(-1).sum() == 1
-    update.eval()
     assert not (update.rotations() == torch.eye(2)).flatten(2).all(-1).any()
+    model.train()  # in training the forward drops blocks; the merged weight never does (nor draws random numbers)
+    state = torch.random.get_rng_state()
+    with torch.no_grad():
+        delta = model[0].delta_weight()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model[0].delta_weight(), delta, rtol=0, atol=0)
 
 
 def test_fit_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
