@@ -116,8 +116,8 @@ class MissUpdate(WeightUpdate):
 
     def __init__(self, base_layer: nn.Module, config: MissConfig) -> None:
         super().__init__(config)
-        _, out_features = base_kind(base_layer).dims(base_layer)
-        self.out_features = out_features
+        self.in_features, self.out_features = base_kind(base_layer).dims(base_layer)
+        out_features = self.out_features
         width = config.mini_r if config.init_weights == "mini" else out_features
         self.miss_block = nn.Parameter(torch.zeros(config.r, width, **_factory(base_layer)))
         if config.init_weights is False:
@@ -140,8 +140,7 @@ class MissUpdate(WeightUpdate):
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         """M^T repeated along the input, cut to ``in_features``."""
         m = self.block()
-        in_features = layer.linear_weight().shape[1]
-        return m.T.repeat(1, -(-in_features // m.shape[0]))[:, :in_features]
+        return m.T.repeat(1, -(-self.in_features // m.shape[0]))[:, :self.in_features]
 
 
 def build_bone(base_layer: nn.Module, config: MissConfig, path: str) -> WeightUpdate:
