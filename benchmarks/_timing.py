@@ -40,6 +40,7 @@ class Variant:
     fused_ce: bool = False  # _memory_options.fused_linear_cross_entropy instead of HF's loss
     sac: bool = False  # _memory_options.selective_checkpointing
     warm: bool = False  # run in a new process that loads the compile cache the cold row saved
+    uniform_grad: bool = True  # regional: layer 0's input requires grad too (one training graph, not two)
     optional: bool = False
 
 
@@ -152,7 +153,7 @@ def run_variant(v: Variant, args, config, ids: torch.Tensor, device: str) -> Res
         fn = torch.compile(model, dynamic=False)
     elif v.compile == "regional":
         target = model.get_base_model() if hasattr(model, "get_base_model") else model
-        regions = compile_regions(target, CompilePolicy(enabled=True))
+        regions = compile_regions(target, CompilePolicy(enabled=True), uniform_input_grad=v.uniform_grad)
     loss_of = _loss_fn(model, v)
     sync(device)
     res.setup_s = time.perf_counter() - t0

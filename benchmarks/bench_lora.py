@@ -63,6 +63,8 @@ def variants(args) -> list[Variant]:
         Variant("ours regional compile + fused CE", "ours", compile="regional", fused_ce=True),
         Variant("ours eager + fused CE", "ours", fused_ce=True, optional=True),
         Variant("ours regional compile + selective AC", "ours", compile="regional", sac=True, optional=True),
+        Variant("ours regional compile, two training graphs", "ours", compile="regional", uniform_grad=False,
+                optional=True),
         Variant("ours eager (bf16 adapters)", "ours", bf16_adapters=True, optional=True),
         Variant("PEFT eager (bf16 adapters)", "peft", bf16_adapters=True, optional=True),
         Variant("full fine-tuning eager", "full", optional=True),
