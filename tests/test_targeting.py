@@ -172,8 +172,8 @@ def test_filters_that_remove_everything_are_named_in_the_error() -> None:
 def test_targeting_a_module_the_method_cannot_adapt_names_its_type() -> None:
     with pytest.raises(ConfigError, match=r"cannot adapt: model\.layers\.0\.mlp\.act_fn \(SiLUActivation\)"):
         _ours(make_llama(), target_modules=["act_fn"], layers_to_transform=[0])
-    with pytest.raises(ConfigError, match=r"'dora' cannot adapt: embed \(Embedding\)"):
-        inject(make_plain(), AdapterConfig.create("dora", target_modules=["embed", "head"]))
+    with pytest.raises(ConfigError, match=r"'adalora' cannot adapt: embed \(Embedding\)"):
+        inject(make_plain(), AdapterConfig.create("adalora", init_r=2, target_r=1, target_modules=["embed", "head"]))
 
 
 # -- nested (MoE-style) names: which index is the layer, with PEFT as the oracle ----------------------------------
