@@ -47,14 +47,19 @@ from lightning_lora.plugins.quantization import quantize_for_strategy
 from lightning_lora.quantize import as_quantize_config
 from lightning_lora.quantize_merge import MergeReport
 from lightning_lora.sharded_export import drain, merged_tensors
+from lightning_lora.mixed import BASE, clear_batch_adapters, set_batch_adapters
 from lightning_lora.surgery import (
+    adapter_names,
     adapter_parameters,
     adapters,
+    attach,
     enable_input_grads_for_checkpointing,
     freeze_base,
     inject,
     injected_config,
     parameter_counts,
+    prepare,
+    set_active_adapters,
 )
 from lightning_lora.targeting import _matches, layer_index  # PEFT's matching rules
 
@@ -162,22 +167,28 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_on_checkpoint: export at every checkpoint too (into export_dir/step-<N>), not only at fit end.
         seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
             None uses torch.initial_seed() (what seed_everything sets), so every rank and strategy agree.
+        adapters: several named adapters in one run, each with its own method and options: a dict of adapter name to
+            options, e.g. {task_a: {method: lora, r: 8}, task_b: {method: dora, r: 4, target_modules: [q_proj]}} (the
+            method options above must then be unset). All are active; with adapter_key each example trains its own.
+            The adapter export writes each in PEFT's layout (sub-folders by name); no merged export unless asked.
+        adapter_key: the key of a dict batch that holds each example's adapter name ("__base__" for none): one
+            forward applies each example's own adapter (lightning_lora.mixed), in fit, validate, test and predict.
         quantize: QLoRA: quantize the frozen base of the adapted nn.Linear layers with torchao: nf4, int8 or int4, or
             a dict with format and its options, e.g. {format: nf4, scaler_block_size: 64} (lightning_lora.quantize).
             Done on the training device right after the precision plugin's cast; checkpoints never hold the base.
             The merged export's merge cost is measured, printed and kept in merge_report.
-        merge_target: what the merged export of a quantized base holds: dequantized (dequant(Wq) + dW: what the
-            trained model computed), requantized (back into the quantized format: smaller, loses most of a 4-bit
-            update; load it with lightning_lora.load_quantized) or original (dW added to original_weights).
-            None: dequantized.
-        original_weights: the full-precision base for merge_target=original: a .safetensors file or the directory
-            save_pretrained wrote, keyed as the adapted model's state dict.
         compile: torch.compile each transformer block in place (regional: one block's graph serves all), with
             use_cache off while compiled: None is on when the Trainer's device is CUDA, true/false, a mode
             (max-autotune, ...), or a dict of torch.compile options plus cache (true: keep the compile cache in
             <export_dir, else default_root_dir/lightning_lora>/compile_cache.bin so the next run starts fast; a
             path; false)
             (lightning_lora.plugins.compile).
+        merge_target: what the merged export of a quantized base holds: dequantized (dequant(Wq) + dW: what the
+            trained model computed), requantized (back into the quantized format: smaller, loses most of a 4-bit
+            update; load it with lightning_lora.load_quantized) or original (dW added to original_weights).
+            None: dequantized.
+        original_weights: the full-precision base for merge_target=original: a .safetensors file or the directory
+            save_pretrained wrote, keyed as the adapted model's state dict.
     """
 
     def __init__(
@@ -258,6 +269,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_on_checkpoint: bool = False,
         seed: Optional[int] = None,
         quantize: Union[str, dict[str, Any], None] = None,
+        adapters: Optional[dict[str, dict[str, Any]]] = None,
+        adapter_key: Optional[str] = None,
         compile: Union[bool, str, dict[str, Any], None] = None,
         merge_target: Optional[str] = None,
         original_weights: Optional[str] = None,
@@ -265,7 +278,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         given = locals()
         options = {name: given[name] for name in method_option_names() if given.get(name) is not None}
         self.config = AdapterConfig.create(method, **options)
-        mergeable = method_spec(method).mergeable
+        self.named_configs = _named_configs(adapters, options)  # name -> config, for several named adapters
+        if self.named_configs:
+            self.config = next(iter(self.named_configs.values()))
+        self.adapter_key = adapter_key
+        mergeable = all(method_spec(c.method).mergeable for c in self.named_configs.values() or [self.config])
         if export_merged and not mergeable:
             raise ConfigError(
                 f"{method!r} adapters are inserted modules and cannot be merged into the base weights; set "
@@ -273,7 +290,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         self.model_attr = model_attr
         self.export_dir = export_dir
-        self.export_merged = mergeable if export_merged is None else export_merged
+        self.export_merged = (mergeable and not self.named_configs) if export_merged is None else export_merged
         self.export_on_checkpoint = export_on_checkpoint
         self.seed = seed
         self.quantize = as_quantize_config(quantize)
@@ -313,11 +330,15 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = unsupported_strategy(trainer.strategy)
         if strategy is not None:
+            why = {"FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors "
+                                   "would share flat parameters",
+                   "DeepSpeedStrategy": "ZeRO partitions the adapter too, and its checkpoints and exports would need "
+                                        "GatheredParameters (untested: Lightning's DeepSpeed runs on CUDA only)"}
             raise ConfigError(
-                f"LoRACallback does not support {strategy} yet. Use strategy='ddp' (adapters are small, so plain data "
-                "parallelism fits wherever the base model fits on one device), or, to shard the base, "
-                "ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 applied in "
-                "configure_model (lightning_lora.distributed.shard_model)."
+                f"LoRACallback does not support {strategy} yet ({why[strategy]}). Use strategy='ddp' (adapters are "
+                "small, so plain data parallelism fits wherever the base model fits on one device), or, to shard the "
+                "base, ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 applied "
+                "in configure_model (lightning_lora.distributed.shard_model)."
             )
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
@@ -384,6 +405,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.quantize is not None and not self._sharded:  # under FSDP2 it was done before sharding
             quantize_for_strategy(self._trainer, self._trainer.lightning_module, self._root, self.quantize)
+        if self._sharded:  # configure_model has sharded the model: let fully_shard free the full weights
+            distributed.release_unsharded(self._root)
         for p in adapter_parameters(self._root):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
@@ -422,11 +445,21 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._root_path, root = self._find_root(pl_module)
-        existing = injected_config(root)
-        if existing is None:
-            targets = inject(root, self.config, seed=self.seed if self.seed is not None else torch.initial_seed())
+        method = self.config.method
+        # a method that joins the model's adapters (X-LoRA over experts the module loaded) goes under its own name
+        joins = getattr(type(self.config), "JOINS_ADAPTERS", False) and not self.named_configs
+        existing = injected_config(root, method) if joins and method in adapter_names(root) else injected_config(root)
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        if existing is None and self.named_configs:
+            targets = _inject_named(root, self.named_configs, seed)
+        elif existing is None:
+            targets = inject(root, self.config, seed=seed)
+        elif joins and method not in adapter_names(root):
+            targets = inject(root, self.config, seed=seed, name=method)
         else:  # a second fit/test in the same process, or an adapter loaded by the user: train what is there
-            differences = _differences(root, existing, self.config)
+            differences = _differences(root, existing, self.config) if not self.named_configs else [
+                f"adapters: {adapter_names(root)} in the model vs {list(self.named_configs)} in the callback"
+            ] if adapter_names(root) != list(self.named_configs) else []
             if differences:
                 raise ConfigError(
                     f"{type(root).__name__} already holds adapters with other options than this LoRACallback's "
@@ -607,6 +640,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
                              ) -> None:
+        self._route_batch(batch)
         if self._resume_rng is not None:
             if batch_idx > 0:  # resumed mid-epoch
                 _set_rng_state(self._resume_rng)
@@ -621,6 +655,55 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._stepped = False
         if self._compiled is not None and not self._compiled.cache_saved and trainer.is_global_zero:
             self._compiled.cache_saved = save_cache(self._compile_cache)  # the training graphs, once they exist
+        self._unroute_batch()
+
+    def _route_batch(self, batch: Any) -> None:
+        """With ``adapter_key``: each example of ``batch`` runs its own adapter (``mixed.set_batch_adapters``)."""
+        if self.adapter_key is None or self._root is None:
+            return
+        if not isinstance(batch, dict) or self.adapter_key not in batch:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ConfigError(
+                f"adapter_key={self.adapter_key!r}, but the batch has no such key (it holds {keys}); return dict "
+                f"batches with one adapter name per example under {self.adapter_key!r} (\"__base__\" for none), or "
+                "unset adapter_key."
+            )
+        names = batch[self.adapter_key]
+        set_batch_adapters(self._root, [None if n in ("", BASE) else n for n in names])
+
+    def _unroute_batch(self) -> None:
+        if self.adapter_key is not None and self._root is not None:
+            clear_batch_adapters(self._root)
+
+    @override
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._route_batch(batch)
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._unroute_batch()
+
+    @override
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._route_batch(batch)
+
+    @override
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._unroute_batch()
+
+    @override
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._route_batch(batch)
+
+    @override
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._unroute_batch()
 
     # -- export ------------------------------------------------------------------------------------------------------
     def _export_root(self, trainer: pl.Trainer) -> Path:
@@ -684,6 +767,41 @@ def _merge_options(target: Optional[str], original: Optional[str], quantize: Any
 
 
 _TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
+def _named_configs(named: Any, options: dict[str, Any]) -> dict[str, AdapterConfig]:
+    """``adapters=`` as configs by name, each checked now (a bad option names its adapter)."""
+    if named is None:
+        return {}
+    if not isinstance(named, dict) or not named:
+        raise ConfigError(f"adapters must be a dict of adapter name to options, e.g. {{'task_a': {{'method': 'lora', "
+                          f"'r': 8}}, 'task_b': {{'method': 'dora', 'r': 4}}}}, got {named!r}.")
+    if options:
+        raise ConfigError(f"With adapters=, give method options per adapter inside it; {', '.join(sorted(options))} "
+                          "was given beside it (move it into each adapter's options).")
+    configs = {}
+    for name, opts in named.items():
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            raise ConfigError(f"adapters: {name!r} is no usable adapter name; use a string without '.' or '/'.")
+        if not isinstance(opts, dict):
+            raise ConfigError(f"adapters[{name!r}] must be a dict of options such as {{'method': 'lora', 'r': 8}}, "
+                              f"got {opts!r}.")
+        opts = dict(opts)
+        try:
+            configs[name] = AdapterConfig.create(opts.pop("method", "lora"), **opts)
+        except ConfigError as err:
+            raise ConfigError(f"adapters[{name!r}]: {err}") from None
+    return configs
+
+
+def _inject_named(root: nn.Module, configs: dict[str, AdapterConfig], seed: int) -> list[str]:
+    """Every named adapter, all built before any is attached (all or nothing), all active."""
+    prepared = [(name, prepare(root, config, seed + i, name)) for i, (name, config) in enumerate(configs.items())]
+    targets: dict[str, None] = {}
+    for name, updates in prepared:
+        targets.update(dict.fromkeys(attach(root, updates, name)))
+    set_active_adapters(root, list(configs))
+    return list(targets)
 
 
 def _differences(root: nn.Module, have: AdapterConfig, want: AdapterConfig) -> list[str]:
