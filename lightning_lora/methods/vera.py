@@ -91,7 +91,7 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
 class VeRAProjections(nn.Module):
     """The frozen random ``vera_A`` (r, in) and ``vera_B`` (out, r) one adapter's layers share (as one submodule
     object, so ``.to()`` and ``deepcopy`` keep them shared). Non-persistent: regenerated from the key, never
-    checkpointed."""
+    checkpointed; float32 over a half-precision model."""
 
     def __init__(self, r: int, in_features: int, out_features: int, key: int, **factory_kwargs: Any) -> None:
         super().__init__()
@@ -100,6 +100,14 @@ class VeRAProjections(nn.Module):
         b = kaiming_uniform((out_features, r), generator)
         self.register_buffer("vera_A", a.to(**factory_kwargs), persistent=False)
         self.register_buffer("vera_B", b.to(**factory_kwargs), persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "VeRAProjections":
+        """A cast to half precision moves the projections but keeps them float32, as adapter weights over a half base
+        stay (``lora.adapter_dtype``): rounded, they would no longer be what ``projection_prng_key`` regenerates."""
+        target = fn(torch.zeros(0, device=self.vera_A.device))
+        if target.dtype in (torch.float16, torch.bfloat16):
+            fn = lambda t: t.to(target.device)  # noqa: E731
+        return super()._apply(fn, recurse)
 
 
 def vera_projections(targets: list[nn.Module], config: VeRAConfig) -> VeRAProjections:

@@ -113,6 +113,11 @@ def test_projections_stay_shared_frozen_and_out_of_checkpoints() -> None:
     assert isinstance(update, VeRAUpdate) and {n for n, _ in update.named_parameters()} == {"vera_lambda_b", "vera_lambda_d"}
     assert not update.vera_lambda_b.any() and torch.all(update.vera_lambda_d == torch.tensor(0.1).double())
     assert update.sliced()[0].shape == (8, 32) and update.sliced()[1].shape == (64, 8)
+    drawn = projections(model)[0].vera_A.clone()
+    model.to(torch.bfloat16)  # a half model (precision="bf16-true") moves the projections but does not round them
+    assert projections(model)[0].vera_A.dtype == torch.float64 and torch.equal(projections(model)[0].vera_A, drawn)
+    with torch.no_grad():
+        assert model(token_batch()).logits.dtype == torch.bfloat16
     assert projections(model)[0].vera_A.shape == (8, 32) and projections(model)[0].vera_B.shape == (64, 8)
 
 
