@@ -10,7 +10,9 @@ The experts are LoRA adapters already in the model (trained by this project and 
    (``enable_softmax``), optionally only the ``top_k_lora`` best (renormalized with ``enable_softmax_topk``);
 3. the real pass: each adapted layer adds ``sum_e B_e A_e (s_e * global_scaling_weight * x) * scaling_e``.
 
-Only the classifier trains (``use_trainable_adapters``: the experts too). The scalings reach the layers through
+Only the classifier trains (``use_trainable_adapters``: the experts too). With ``LoRACallback(method="xlora")``
+the LightningModule loads the experts (in ``__init__`` or ``configure_model``) and the callback adds X-LoRA beside
+them under the name ``"xlora"``. The scalings reach the layers through
 ``AdaptedLayer.batch_route``, set by this adapter's input pre-hook on the model and cleared by its output hook. The
 scaling pass recomputes the whole sequence, so the key/value cache is off while X-LoRA is attached (as PEFT requires).
 """
@@ -50,6 +52,7 @@ class XLoRAConfig(AdapterConfig):
     use_trainable_adapters: bool = False
 
     METHODS: ClassVar[tuple[str, ...]] = ("xlora",)
+    JOINS_ADAPTERS: ClassVar[bool] = True  # LoRACallback adds it beside the experts (under the name "xlora")
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str],
                   model_info: Mapping[str, Any]) -> dict[str, Any]:

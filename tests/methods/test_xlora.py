@@ -155,21 +155,26 @@ def test_gradient_checkpointing_is_refused(experts: list[Path]) -> None:
         outputs(model, ids, mask)
 
 
-def test_trainer_fit_trains_the_classifier(experts: list[Path], tmp_path: Path) -> None:
-    """A real Trainer.fit of a LightningModule whose model holds the experts and X-LoRA (LoRACallback does not inject
-    X-LoRA yet: it takes a model that already has adapters as the adapter to keep training)."""
+def test_fit_with_the_callback_trains_the_classifier(experts: list[Path], tmp_path: Path) -> None:
+    """LoRACallback(method="xlora") adds X-LoRA beside the experts the LightningModule loaded; a real Trainer.fit
+    trains only the classifier, and the export holds the experts and the classifier."""
+    import lightning_lora as ll
     from tiny_modules import TinyLlamaModule, TokensDataModule, trainer
 
     module = TinyLlamaModule(lr=0.1)
     for name, path in zip(("code", "math"), experts):
         load_adapter(module.model, path, name=name)
-    inject(module.model, AdapterConfig.create("xlora"), name="xlora", seed=0)
     experts_before = {k: v.clone() for k, v in module.model.state_dict().items() if ".adapters." in k}
-    trainer(tmp_path, [], max_epochs=2).fit(module, TokensDataModule())
+    callback = ll.LoRACallback(method="xlora", export_dir=str(tmp_path / "export"))
+    trainer(tmp_path, [callback], max_epochs=2).fit(module, TokensDataModule())
     first, second = module.losses[:8], module.losses[8:]
     assert sum(second) < sum(first), module.losses
     after = module.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in experts_before.items())  # the experts stayed frozen
+    assert sorted(p.name for p in callback.adapter_dir.iterdir() if p.is_dir()) == ["code", "math", "xlora"]
+    again = ll.LoRACallback(method="xlora", export_dir=str(tmp_path / "again"))  # a second fit keeps training it
+    trainer(tmp_path / "again", [again], max_steps=1).fit(module, TokensDataModule())
+    assert sorted(adapters(module.model)).count("") == 1
 
 
 def test_delete_the_gating_keeps_the_experts(experts: list[Path]) -> None:
