@@ -366,7 +366,8 @@ def callback_peak(args, device: str) -> list[str]:
                                    export_merged=False, export_dir=f"/tmp/bench_qlora_callback/{name}", **extra)
         ids = torch.randint(3, config.vocab_size, (args.peak_steps * args.batch, args.seq),
                             generator=torch.Generator().manual_seed(0))
-        trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision="bf16-true", max_steps=args.peak_steps,
+        trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
+                             precision="bf16-true", max_steps=args.peak_steps,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, callbacks=[callback])
         free(device)

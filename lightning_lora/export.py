@@ -108,9 +108,10 @@ def export_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None,
 
     A Hugging Face model is written with ``save_pretrained`` (reload it with ``AutoModel...from_pretrained``), with
     ``tokenizer`` beside it when given, so the directory is a standalone model; any other module as
-    ``model.safetensors`` holding its merged state dict. A ``requantized`` export is ``quantized_model.safetensors`` holding
-    the quantized weights as their parts (plus ``config.json`` and the tokenizer for a Hugging Face model): load it with
-    ``lightning_lora.load_quantized(directory)`` (transformers cannot).
+    ``model.safetensors`` holding its merged state dict. A ``requantized`` export is
+    ``quantized_model.safetensors`` holding the quantized weights as their parts (plus ``config.json`` and the
+    tokenizer for a Hugging Face model): load it with ``lightning_lora.load_quantized(directory)`` (transformers
+    cannot).
 
     ``directory`` must be new, empty, or a previous merged export (which is replaced atomically); a file or a
     directory holding other files is refused with ``ExportTargetError`` before anything is written, so a user's files

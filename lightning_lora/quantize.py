@@ -1,18 +1,15 @@
-"""QLoRA on torchao: the frozen base weights of adapted layers in NF4, int8 or int4, adapters in float32.
+"""QLoRA on torchao: the frozen base weights in NF4, int8 or int4, adapters in float32.
 
 QLoRA (Dettmers et al. 2023, arXiv 2305.14314) trains adapters through a frozen 4-bit base. ``quantize_base`` swaps
-the base weight of every adapted ``nn.Linear`` for a torchao tensor subclass, layer by layer (so the full-precision
-weights never need to sit on the accelerator at once), and points the layer's base op at ``QuantizedLinear``: forward
-``x @ dequant(W).T``, backward ``grad @ dequant(W)``, keeping only the quantized ``W`` for backward. Gradients thus reach
-the input, and through it the adapters of earlier layers, in every format, including those whose torchao matmul has
-no backward (int4 tile-packed).
+the base weight of every adapted ``nn.Linear`` (and with ``modules="all-linear"`` of every frozen one) for a
+quantized tensor subclass, layer by layer on the training device (so the full-precision weights never sit on the
+accelerator at once), and points the layer's base op at ``QuantizedLinear``: forward ``x @ dequant(W).T``, backward
+``grad @ dequant(W)``, keeping only the quantized ``W`` for backward. Gradients thus reach the input, and through it
+the adapters of earlier layers, in every format. Formats: torchao's ``NF4Tensor`` and ``Int8Tensor``, and for int4
+our packed layout (``int4.py``), whose dequantization is plain tensor ops on the CPU and CUDA alike.
 
-A merge from a quantized base has three honest answers, and ``merge_quantized`` lets the user pick one and measures
-what it cost (``MergeReport``): ``dequantized`` (what the trained model computed), ``requantized`` (same format,
-smaller, lossy: 4 bits round most of a LoRA update away) or ``original`` (the update added to the full-precision
-weights the user points to).
-
-torchao is imported lazily, so the rest of the package does not need it.
+Merging from a quantized base (three targets, each measured) is ``quantize_merge.py``; quantized weights in files are
+``quantize_io.py``. torchao is imported lazily, so the rest of the package does not need it.
 """
 
 from __future__ import annotations
@@ -111,7 +108,8 @@ class Int4Config:
     def __post_init__(self) -> None:
         _check_modules(self)
         if self.packing not in ("auto", "packed", "tile_packed", "intx"):
-            raise ConfigError(f"Int4Config(packing={self.packing!r}): use 'auto' (= 'packed'), 'intx' or 'tile_packed'.")
+            raise ConfigError(f"Int4Config(packing={self.packing!r}): use 'auto' (= 'packed'), 'intx' or "
+                              "'tile_packed'.")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0 \
                 or self.group_size % 2:
             raise ConfigError(f"Int4Config(group_size={self.group_size!r}): give a positive even integer, e.g. 128.")
@@ -417,8 +415,9 @@ def quantize_base(model: nn.Module, config: Union[str, dict, QuantizeConfig],
                   device: Union[str, torch.device, None] = None) -> list[str]:
     """Quantize the frozen base weight of every adapted ``nn.Linear`` in ``model`` to ``config``'s format, in place
     (with ``modules="all-linear"`` also every frozen ``nn.Linear`` without an adapter, which becomes a
-    ``FrozenQuantizedLinear``); returns the paths converted. Adapters stay float32; an untrained DoRA magnitude restarts from the quantized
-    weight's norms (``WeightUpdate.after_base_replaced``), so the adapted model still equals its base at step 0.
+    ``FrozenQuantizedLinear``); returns the paths converted. Adapters stay float32; an untrained DoRA magnitude
+    restarts from the quantized weight's norms (``WeightUpdate.after_base_replaced``), so the adapted model still
+    equals its base at step 0.
 
     Layer by layer: each weight is moved to ``device`` (default: where it is), quantized there and replaces the
     original, so a model loaded on the CPU is quantized onto the GPU without the full-precision base ever being there

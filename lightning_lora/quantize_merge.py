@@ -87,8 +87,8 @@ class SafetensorsWeights(Mapping[str, Tensor]):
             else:
                 files = sorted(path.glob("*.safetensors"))
                 if not files:
-                    raise MergeError(f"original={str(path)!r} holds no .safetensors file; point it at the full-precision "
-                                     "model's directory or file (save_pretrained's output).")
+                    raise MergeError(f"original={str(path)!r} holds no .safetensors file; point it at the "
+                                     "full-precision model's directory or file (save_pretrained's output).")
                 self.files = {}
                 for file in files:
                     with safe_open(str(file), framework="pt") as f:
@@ -132,7 +132,8 @@ def _original_weights(original: OriginalWeights, layers: Mapping[str, nn.Module]
         raise MergeError("The 'original' merge target needs the full-precision weight of every quantized layer, "
                          "keyed by its name in the model's state dict (e.g. the base model's state_dict() or "
                          "save_pretrained directory): " + "; ".join(problems[:4])
-                         + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "") + ". The model is unchanged.")
+                         + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+                         + ". The model is unchanged.")
     return found
 
 
