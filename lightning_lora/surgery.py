@@ -268,7 +268,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model``'s state dict without adapter tensors: the base as it was before injection."""
     adapter_keys = set(adapter_state_dict(model))
-    return {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
+    state = {k: v for k, v in model.state_dict().items() if k not in adapter_keys}
+    for path, adapter in adapters(model).items():  # a merged BitFit's base holds the trained biases: the originals
+        if isinstance(adapter, InsertedAdapter):
+            state.update({f"{path}.{k}" if path else k: v for k, v in adapter.base_tensors().items()})
+    return state
 
 
 def weight_adapters(model: nn.Module, action: str = "merge") -> list[AdaptedLayer]:

@@ -591,6 +591,11 @@ class InsertedAdapter(nn.Module):
         return []
 
     # -- only for ``mergeable`` adapters -------------------------------------------------------------------------------
+    def base_tensors(self) -> dict[str, Tensor]:
+        """While merged: the base tensors as they were before the merge, named relative to the sublayer (so
+        ``base_state_dict`` and the base fingerprint do not change with a merge); empty otherwise."""
+        return {}
+
     def merged_tensors(self) -> dict[str, Tensor]:
         """The base tensors this adapter replaces when merged, with their merged values, named relative to the
         sublayer (``{"bias": ...}``); computed out of place."""

@@ -81,6 +81,9 @@ class BiasFit(InsertedAdapter):
         shape[self.channel_dim] = -1
         return output + delta.to(output.dtype).view(shape)
 
+    def base_tensors(self) -> dict[str, Tensor]:
+        return {} if self._original is None else {"bias": self._original}
+
     def merged_tensors(self) -> dict[str, Tensor]:
         return {"bias": self.bias.detach().to(self._module.bias.dtype)}
 

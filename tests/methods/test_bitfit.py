@@ -143,3 +143,23 @@ def test_cli_options(tmp_path: Path) -> None:
     (callback,) = lora_callbacks(cli)
     assert callback.config == AdapterConfig.create("bitfit")
     assert (tmp_path / "export" / "merged").is_dir()
+
+
+def test_an_adapter_saved_while_merged_loads_on_a_fresh_base(tmp_path: Path) -> None:
+    """Merging does not change the base fingerprint (the base state is the original biases), so the file of a merged
+    model loads on the base it was trained on."""
+    from lightning_lora.fingerprint import base_fingerprint
+    from lightning_lora.io import load_adapter
+
+    model = make_gpt2()
+    inject(model, AdapterConfig.create("bitfit"))
+    trained(model)
+    before = base_fingerprint(model)
+    merge(model)
+    assert base_fingerprint(model) == before
+    save_adapter(model, tmp_path / "a")
+    fresh = make_gpt2()
+    load_adapter(fresh, tmp_path / "a")
+    ids, mask = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(fresh, ids, mask)[0], outputs(model, ids, mask)[0], rtol=0, atol=0)
