@@ -5,6 +5,7 @@ Each block is the Cayley map of a skew-symmetric Q_i (PEFT's truncated Neumann s
 rotates the layer's input, ``y = W (R^T x) + b``, block by block: no ``(in, in)`` matrix and no rotated weight is
 built in forward. COFT (constrained OFT) keeps each ``||Q_i||`` within ``eps / sqrt(n)`` by projecting the parameters
 before use, as PEFT does. The tensor ``oft_R.weight`` holds the strict upper triangles of the Q_i (PEFT's layout).
+On ``nn.Embedding``, as in PEFT, the looked-up vectors are rotated instead (``E' = E R``, ``oft_embedding_R.weight``).
 """
 
 from __future__ import annotations
@@ -152,26 +153,26 @@ class OFTUpdate(WeightUpdate):
     """OFT on ``nn.Linear`` or ``Conv1D``: the input rotated by ``R`` before the base op."""
 
     transforms_input = True
+    rotation_name = "oft_R"  # PEFT's name for the module that holds the generators
 
     def __init__(self, base_layer: nn.Module, config: OFTConfig, count: int, block_size: int) -> None:
         super().__init__(config)
         self.count, self.block_size = count, block_size
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.oft_R = OFTRotation(1 if config.block_share else count, block_size, config,
-                                 device=weight.device, dtype=dtype)
+        self.add_module(self.rotation_name, OFTRotation(1 if config.block_share else count, block_size, config,
+                                                        device=weight.device, dtype=dtype))
 
-    def blocks(self) -> Tensor:
-        blocks = self.oft_R()
+    def blocks(self, dropout: bool = False) -> Tensor:
+        """R's ``count`` blocks; with ``dropout`` (the training forward) ``module_dropout`` makes some of them ``I``."""
+        blocks = self._modules[self.rotation_name]()
+        if dropout and self.config.module_dropout > 0 and not self.config.block_share:
+            blocks = drop_blocks(blocks, self.config.module_dropout)
         return blocks.expand(self.count, -1, -1) if self.config.block_share else blocks
 
     def transform_input(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
         """``x R``, block by block, in the adapter's dtype (as PEFT; then back to the activations' dtype)."""
-        blocks = self.oft_R()
-        if self.training and self.config.module_dropout > 0 and not self.config.block_share:
-            blocks = drop_blocks(blocks, self.config.module_dropout)
-        if self.config.block_share:
-            blocks = blocks.expand(self.count, -1, -1)
+        blocks = self.blocks(dropout=self.training)
         return rotate_blocks(x.to(blocks.dtype), blocks).to(x.dtype)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
@@ -184,12 +185,32 @@ class OFTUpdate(WeightUpdate):
         return rotate_blocks(w, blocks.transpose(-2, -1)) - w
 
 
+class OFTEmbeddingUpdate(OFTUpdate):
+    """OFT on ``nn.Embedding``, as PEFT: the looked-up vectors rotated, ``E' = E R`` (``oft_embedding_R``)."""
+
+    transforms_input = False
+    rotation_name = "oft_embedding_R"
+
+    def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
+        """``out R``."""
+        blocks = self.blocks(dropout=self.training)
+        return rotate_blocks(out.to(blocks.dtype), blocks).to(out.dtype)
+
+    def delta_weight(self, layer: AdaptedLayer) -> Tensor:
+        """``E R - E`` (the embedding's own ``(num, dim)`` layout)."""
+        blocks = self.blocks()
+        e = layer.linear_weight().to(blocks.dtype)
+        return rotate_blocks(e, blocks) - e
+
+
 def build_oft(base_layer: nn.Module, config: OFTConfig, path: str) -> OFTUpdate:
-    in_features, _ = base_kind(base_layer).dims(base_layer)
-    count, block_size = config.blocks(in_features, path)
-    return OFTUpdate(base_layer, config, count, block_size)
+    kind = base_kind(base_layer)
+    in_features, embedding_dim = kind.dims(base_layer)
+    if kind.family == "embedding":  # the rotated dimension is the vectors'
+        return OFTEmbeddingUpdate(base_layer, config, *config.blocks(embedding_dim, path))
+    return OFTUpdate(base_layer, config, *config.blocks(in_features, path))
 
 
 def supports_oft(module: nn.Module) -> bool:
     kind = base_kind(module)
-    return kind is not None and kind.family == "linear"
+    return kind is not None and kind.family in ("linear", "embedding")

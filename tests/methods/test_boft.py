@@ -61,7 +61,7 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
         assert_files_load_both_ways(tmp_path, ours, theirs)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(size=st.sampled_from([2, 4]), factors=st.integers(1, 3), d_out=st.integers(1, 9), seed=st.integers(0, 2**16),
        conv1d=st.booleans())
 def test_merge_round_trip(size: int, factors: int, d_out: int, seed: int, conv1d: bool) -> None:

@@ -56,14 +56,14 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path, method: str, ours: dic
     assert_files_load_both_ways(tmp_path, mine, peft_model)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(r=st.integers(1, 4), blocks_in=st.integers(1, 3), blocks_out=st.integers(1, 3), seed=st.integers(0, 2**16),
        conv1d=st.booleans())
 def test_bone_merge_round_trip(r: int, blocks_in: int, blocks_out: int, seed: int, conv1d: bool) -> None:
     assert_merge_round_trip("bone", r * blocks_in, r * blocks_out, seed, conv1d=conv1d, r=r)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(d_in=st.integers(4, 11), d_out=st.integers(1, 9), r=st.integers(1, 4), seed=st.integers(0, 2**16),
        conv1d=st.booleans())
 def test_miss_merge_round_trip(d_in: int, d_out: int, r: int, seed: int, conv1d: bool) -> None:

@@ -47,7 +47,7 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     assert_files_load_both_ways(tmp_path, ours, theirs)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(d_in=st.integers(4, 12), d_out=st.integers(1, 9), r=st.integers(1, 4), seed=st.integers(0, 2**16),
        gram_schmidt=st.booleans(), conv1d=st.booleans())
 def test_merge_round_trip(d_in: int, d_out: int, r: int, seed: int, gram_schmidt: bool, conv1d: bool) -> None:

@@ -48,6 +48,29 @@ def test_same_outputs_and_gradients_as_peft(ours: dict[str, Any], theirs: dict[s
                                    peft.OFTConfig(target_modules=TARGETS, **theirs)))
 
 
+def test_embedding_rotates_the_vectors_as_peft(tmp_path: Path) -> None:
+    """On nn.Embedding (PEFT's oft_embedding_R): same outputs, gradients and files; E' = E R merges exactly."""
+    import peft
+
+    targets = ["embed_tokens", "q_proj"]
+    pair = peft_pair("oft", {"target_modules": targets, "oft_block_size": 8},
+                     peft.OFTConfig(target_modules=targets, oft_block_size=8))
+    assert_same_as_peft(*pair)
+    _, ours, theirs = pair
+    assert_files_load_both_ways(tmp_path, ours, theirs)
+    embed = ours.model.embed_tokens
+    ids = torch.arange(64)
+    with torch.no_grad():
+        unmerged = embed(ids)
+        rotated = embed.weight @ torch.block_diag(*embed.adapters["default"].blocks())
+        torch.testing.assert_close(unmerged, rotated, rtol=1e-5, atol=1e-6)
+        original = embed.weight.clone()
+        embed.merge()
+        torch.testing.assert_close(embed(ids), unmerged, rtol=0, atol=1e-6)
+        embed.unmerge()
+        assert torch.equal(embed.weight, original)
+
+
 def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     import peft
 
@@ -57,7 +80,7 @@ def test_files_load_in_peft_and_from_peft(tmp_path: Path) -> None:
     assert_files_load_both_ways(tmp_path, ours, theirs)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(blocks=st.sampled_from([1, 2, 4]), size=st.sampled_from([2, 3, 4]), d_out=st.integers(1, 9),
        seed=st.integers(0, 2**16), exact=st.booleans(), conv1d=st.booleans())
 def test_merge_round_trip(blocks: int, size: int, d_out: int, seed: int, exact: bool, conv1d: bool) -> None:
