@@ -74,7 +74,7 @@ def variants(args) -> list[Variant]:
         wanted = [w.strip().lower() for w in args.only.split(";" if ";" in args.only else ",")]
         v = [x for x in v if x.name.lower() in wanted]
     if args.no_compile:
-        v = [x for x in v if not x.compile or (x.compile == "fit" and not x.warm)]
+        v = [x for x in v if not x.compile]
     return v
 
 
