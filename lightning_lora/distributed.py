@@ -86,7 +86,23 @@ def shard_model(model: nn.Module, mesh: Any = None, *, blocks: Optional[Iterable
     for block in (default_blocks(model) if blocks is None else blocks):
         fully_shard(block, mesh=mesh, ignored_params=ignored, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, ignored_params=ignored, **fully_shard_kwargs)
+    release_unsharded(model)
     return model
+
+
+def release_unsharded(model: nn.Module) -> None:
+    """Point each adapted layer's kept-aside original module at the sharded weight and bias. ``fully_shard`` frees a
+    full parameter only once nothing else references it, and the original module (kept outside the module tree for
+    ``unload``) still does: without this, every rank keeps the whole base. ``shard_model`` calls it; call it after
+    your own ``fully_shard`` calls."""
+    from .methods.base import AdaptedLayer
+
+    for module in model.modules():
+        if isinstance(module, AdaptedLayer):
+            original = module.original_module
+            original.weight = module.weight
+            if module.bias is not None:
+                original.bias = module.bias
 
 
 def replicated_trainable(model: nn.Module) -> list[nn.Parameter]:

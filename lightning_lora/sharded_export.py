@@ -45,11 +45,13 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
               if isinstance(layer, AdaptedLayer)}
     weight_adapters(model, "merge")  # refuses inserted and tied adapters up front
-    seen: set[int] = set()
+    first: dict[int, str] = {}  # a tied Parameter's first name (state_dict() detaches, so tie by the Parameter)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    tied = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
     for key, tensor in base_state_dict(model).items():
-        if id(tensor) in seen:
+        if key in tied:
             continue
-        seen.add(id(tensor))
         whole = _gathered_dense(tensor.detach())
         layer = layers.get(key)
         if layer is not None:

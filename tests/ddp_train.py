@@ -32,6 +32,8 @@ class ShardedLlama(TinyLlamaModule):
 
     def configure_model(self) -> None:
         shard_model(self.model, self.device_mesh["data_parallel"], adapters=self.adapter_placement)
+        # the kept-aside original modules hold the shards too, so fully_shard could free the full weights
+        assert all(layer.original_module.weight is layer.weight for layer in ll.adapters(self.model).values())
 
 
 def main() -> None:

@@ -116,3 +116,16 @@ def test_merged_shards_in_save_pretrained_layout(tmp_path: Path) -> None:
     torch.testing.assert_close(read_merged(tmp_path / "sharded"), read_merged(tmp_path / "whole"), rtol=0, atol=0)
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "sharded")
     torch.testing.assert_close(dict(reloaded.state_dict()), read_merged(tmp_path / "whole"), rtol=0, atol=0)
+
+
+def test_merged_shards_write_a_tied_weight_once(tmp_path: Path) -> None:
+    import lightning_lora as ll
+    from conftest import make_llama
+    from lightning_lora.sharded_export import merged_tensors
+
+    model = make_llama(tie=True)
+    ll.inject(model, {"method": "lora", "r": 4, "target_modules": ["q_proj"], "init_weights": False}, seed=0)
+    keys = [key for key, _ in merged_tensors(model)]
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    ll.export_merged(model, tmp_path / "whole")
+    assert sorted(keys) == sorted(read_merged(tmp_path / "whole"))  # what save_pretrained writes

@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""LoRA / QLoRA under Lightning's DDP and FSDP2 (``ModelParallelStrategy``) on 1 and 2 GPUs of one host.
+
+Every row is a real ``Trainer.fit`` with ``LoRACallback``, launched by torchrun (one process per GPU), on random-weight
+Llama shapes (1B: Llama-3.2-1B, 8B: Llama-3.1-8B) with LoRA r=16 on all seven projections, a bf16 base or an NF4 base
+(torchao), fp32 adapters, AdamW. The per-GPU batch is fixed (weak scaling), so the global batch grows with the GPUs.
+
+Part 1 (correctness, before anything is timed): a 2-layer model of the shape's width in float32 trains 3 SGD steps on
+the same global batch on 1 GPU, with DDP on 2, and with FSDP2 on 2 (adapters sharded, and replicated); the adapters
+the callback exported must agree (max |difference| <= --check-atol + --check-rtol * |value|; float32, so only the
+order of the gradient sums differs). Over NF4 the same, base quantized from the float32 weights.
+
+Part 2 (timing): median step time over --steps steps after --warmup, tokens/s = global tokens per step / median step
+time, peak allocated GPU memory per rank during training (reset when training starts; the model is built whole on each
+rank before FSDP2 shards it, which --setup-peak reports separately), and the scaling efficiency
+tokens/s(2 GPUs) / (2 * tokens/s(1 GPU)) against the single-GPU row of the same run and shape.
+
+FSDP2 notes: the model's configure_model calls ``lightning_lora.distributed.shard_model`` (fully_shard per decoder
+layer, then the root). With a bf16 base the default is adapters="replicated" (FSDP2 all-gathers one dtype per unit,
+so fp32 adapters inside a bf16 unit need a MixedPrecisionPolicy; --fsdp2-adapters sharded uses
+param_dtype=bf16/reduce_dtype=fp32 for that).
+
+    python benchmarks/bench_distributed.py                          # all rows, 1b and 8b, bf16 and nf4 (2 GPUs)
+    python benchmarks/bench_distributed.py --shapes 8b --bases nf4  # one block of rows
+    python benchmarks/bench_distributed.py --cpu --shapes tiny      # CPU smoke run (gloo), tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, head_dim=64),
+}
+# per-GPU batch, sequence length and activation checkpointing per shape (the 8B settings of bench_qlora)
+RUN = {"1b": dict(batch=8, seq=1024, grad_ckpt=False), "8b": dict(batch=2, seq=2048, grad_ckpt=True),
+       "70b": dict(batch=1, seq=2048, grad_ckpt=True),
+       "tiny": dict(batch=2, seq=64, grad_ckpt=False)}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NF4 = {"format": "nf4"}
+
+
+def llama_config(shape: str, layers=None):
+    from transformers import LlamaConfig
+
+    kw = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    return LlamaConfig(**kw, rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+
+
+def build_model(shape: str, base: str, device, dtype, r: int, layers=None, real_layers=None):
+    """LlamaForCausalLM with LoRA, built on meta, then one module at a time on ``device`` with a seeded generator (the
+    same weights on every rank and in every row), each decoder layer quantized (``base="nf4"``) right after it gets
+    values. ``real_layers``: materialize only that many decoder layers (the rest, and the embeddings, stay on meta)."""
+    import torch
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    import lightning_lora as ll
+    from lightning_lora.quantize import quantize_base
+
+    config = llama_config(shape, layers)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    ll.inject(model, {"method": "lora", "r": r, "alpha": 2 * r, "target_modules": PROJECTIONS}, seed=0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    layer_modules = {id(m) for layer in model.model.layers for m in layer.modules()}
+    blocks = [*model.model.layers, model] if real_layers is None else list(model.model.layers[:real_layers])
+    with torch.no_grad():
+        for block in blocks:
+            for module in block.modules():
+                if block is model and id(module) in layer_modules:
+                    continue
+                for name, param in list(module.named_parameters(recurse=False)):
+                    if param.is_meta:  # norms 1, the rest N(0, 0.02): LoRA B too, so the adapter changes the loss
+                        value = torch.empty(param.shape, dtype=param.dtype, device=device)
+                        value.fill_(1.0) if param.dim() == 1 else value.normal_(0, 0.02, generator=generator)
+                        setattr(module, name, nn.Parameter(value, requires_grad=param.requires_grad))
+            if base == "nf4" and block is not model:
+                quantize_base(block, NF4)
+    for layer in ll.adapters(model).values():  # the kept-aside originals still point at the meta weights
+        layer.original_module.weight = layer.weight
+    if real_layers is None:
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config).to(device)
+    return model
+
+
+# -- the worker: one Trainer.fit, one process per GPU (torchrun) ------------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    import pytorch_lightning as pl
+    import torch
+    import torch.distributed as dist
+    from pytorch_lightning.strategies import DDPStrategy, ModelParallelStrategy
+    from torch import nn
+    from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+    import lightning_lora as ll
+    from lightning_lora.distributed import shard_model
+    from lightning_lora.plugins.quantization import skip_in_ddp_broadcast
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", local_rank)
+    if not args.cpu:
+        torch.cuda.set_device(device)
+    dtype = torch.float32 if args.check else torch.bfloat16
+    def build() -> nn.Module:
+        model = build_model(args.shape, args.base, device, dtype, args.r, layers=2 if args.check else None)
+        if RUN[args.shape]["grad_ckpt"] and not args.check:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.train()
+
+    class Tokens(Dataset):
+        def __init__(self, count: int, seq: int, vocab: int) -> None:
+            self.data = torch.randint(3, vocab, (count, seq), generator=torch.Generator().manual_seed(1))
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return self.data[i]
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build()
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.model(input_ids=batch, labels=batch, use_cache=False).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            params = [p for p in self.parameters() if p.requires_grad]
+            if args.check:
+                return torch.optim.SGD(params, lr=1e-2)
+            return torch.optim.AdamW(params, lr=1e-4, fused=not args.cpu)
+
+    class ShardedModule(Module):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            kwargs = {}
+            if args.fsdp2_adapters == "sharded" and dtype != torch.float32:
+                kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            shard_model(self.model, self.device_mesh["data_parallel"], adapters=args.fsdp2_adapters, **kwargs)
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.setup_peak = 0.0
+            self._start = 0.0
+
+        def _sync(self) -> None:
+            if not args.cpu:
+                torch.cuda.synchronize()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if not args.cpu:
+                self.setup_peak = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._sync()
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._sync()
+            self.times.append(time.perf_counter() - self._start)
+
+    strategy = args.strategy
+    pl.seed_everything(0)
+    module = ShardedModule() if strategy == "fsdp2" else Module()
+    if strategy == "ddp" and args.base == "nf4":
+        skip_in_ddp_broadcast(module, module.model)  # DDP must not broadcast the NF4 weights (every rank built them)
+    if world == 1:
+        lightning_strategy = "auto" if strategy != "fsdp2" else ModelParallelStrategy(1, 1)
+    elif strategy == "ddp":
+        lightning_strategy = DDPStrategy(gradient_as_bucket_view=True)
+    else:
+        lightning_strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    batch = 2 if args.check else RUN[args.shape]["batch"]
+    seq = 128 if args.check else RUN[args.shape]["seq"]
+    steps = args.check_steps if args.check else args.warmup + args.steps
+    per_rank = batch if world > 1 else batch * (args.check_world if args.check else 1)
+    data = Tokens(per_rank * world * max(steps, 1), seq, SHAPES[args.shape]["vocab_size"])
+    sampler = DistributedSampler(data, world, int(os.environ.get("RANK", "0")), shuffle=False) if world > 1 else None
+    loader = DataLoader(data, batch_size=per_rank, sampler=sampler, shuffle=False)
+    timer = Timer()
+    callback = ll.LoRACallback(r=args.r, alpha=2 * args.r, target_modules=PROJECTIONS, export_dir=str(args.out),
+                               export_merged=False)
+    trainer = pl.Trainer(accelerator="cpu" if args.cpu else "gpu", devices=world, strategy=lightning_strategy,
+                         precision="32-true", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         callbacks=[callback, timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, loader)
+    times = timer.times[args.warmup:] if not args.check else timer.times
+    peak = 0.0 if args.cpu else torch.cuda.max_memory_allocated() / 2**30
+    row = {"step_s": statistics.median(times) if times else float("nan"), "peak_gib": peak,
+           "setup_peak_gib": timer.setup_peak, "tokens_per_step": per_rank * seq * world}
+    rows = [row]
+    if dist.is_initialized() and world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, row)
+    if trainer.is_global_zero:
+        (args.out / "result.json").write_text(json.dumps(rows))
+
+
+# -- merged export under FSDP2: peak memory per rank ------------------------------------------------------------------
+def export_memory_worker(args: argparse.Namespace) -> None:
+    """Measured (torchrun, N GPUs): build the shape on each rank, shard it (FSDP2), then write the merged export the
+    way the callback does (sharded_export: one gathered tensor at a time, rank zero writes); peak GPU memory per rank
+    above the sharded model, and rank zero's peak CPU RSS."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from lightning_lora.distributed import gathered_adapters, shard_model
+    from lightning_lora.sharded_export import drain, merged_tensors, write_merged
+
+    dist.init_process_group("gloo" if args.cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not args.cpu:
+        torch.cuda.set_device(device)
+    model = build_model(args.shape, args.base, device, torch.bfloat16, args.r)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard_model(model, init_device_mesh(device.type, (world,)), adapters="replicated")
+    if not args.cpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / 2**30 if not args.cpu else 0.0
+    start = time.perf_counter()
+    with gathered_adapters(model):
+        tensors = merged_tensors(model)
+        try:
+            if rank == 0:
+                write_merged(model, args.out / "merged", tensors)
+        finally:
+            drain(tensors)
+    dist.barrier()
+    row = {"resident_gib": resident, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if not args.cpu else 0.0,
+           "seconds": time.perf_counter() - start, "cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    if rank == 0:
+        (args.out / "result.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def simulated_export_memory(args: argparse.Namespace, shape: str, base: str, worlds=(2, 4, 8)) -> list[str]:
+    """Simulated (one GPU): the model on the meta device with one real decoder layer; the layer's merged tensors are
+    computed as in the sharded export (whole weight, dequantized, merged in float32), which gives the transient peak
+    of one gathered tensor; per rank at world size N: the model's bytes / N (its shards) + that transient, or the
+    largest tensor outside the layers gathered whole (embeddings, lm_head) if larger."""
+    import torch
+
+    from lightning_lora.quantize import is_quantized
+    from lightning_lora.sharded_export import merged_tensors
+
+    device = torch.device("cpu") if args.cpu else torch.device("cuda")
+    model = build_model(shape, base, device, torch.bfloat16, args.r, real_layers=1)
+    block = model.model.layers[0]
+
+    def nbytes(t) -> int:
+        if is_quantized(t):  # a torchao tensor subclass: the bytes of its parts
+            names, _ = t.__tensor_flatten__()
+            return sum(getattr(t, name).numel() * getattr(t, name).element_size() for name in names)
+        return t.numel() * t.element_size()
+
+    block_bytes = sum(nbytes(t) for t in block.state_dict().values())
+    meta_bytes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()
+                  if not k.startswith("model.layers.")}
+    total = block_bytes * len(model.model.layers) + sum(meta_bytes.values())
+    if not args.cpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    for _ in merged_tensors(block):
+        pass
+    # + the gathered copy of the largest layer tensor, which the simulation's one real layer already holds
+    largest = max(nbytes(t) for t in block.state_dict().values())
+    transient = (torch.cuda.max_memory_allocated() - before if not args.cpu else 0) + largest
+    outside = max(meta_bytes.values())
+    lines = [f"{shape} {base} (simulated: 1 real decoder layer of {len(model.model.layers)}, the rest on meta): model "
+             f"{total / 2**30:.1f} GiB; one layer {block_bytes / 2**30:.2f} GiB; merge transient of one gathered layer "
+             f"tensor {transient / 2**30:.2f} GiB (measured, + the gathered copy); largest tensor outside the layers {outside / 2**30:.2f} "
+             "GiB (gathered whole, not merged)"]
+    for world in worlds:
+        peak = total / world + max(transient, outside)
+        lines.append(f"  world size {world}: shards {total / world / 2**30:.1f} GiB + transient "
+                     f"{max(transient, outside) / 2**30:.2f} GiB = peak {peak / 2**30:.1f} GiB per rank "
+                     f"(never the {total / 2**30:.1f} GiB model)")
+    return lines
+
+
+# -- the driver: launches each row with torchrun and prints the tables -------------------------------------------------
+def launch(args: argparse.Namespace, out: Path, shape: str, base: str, strategy: str, gpus: int, check: bool,
+           adapters: str = "replicated", check_steps: int = 3) -> list[dict] | str:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__,
+               "--worker", "--shape", shape, "--base", base, "--strategy", strategy, "--out", str(out),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.r),
+               "--fsdp2-adapters", adapters, "--check-world", "2", "--check-steps", str(check_steps)]
+    command += ["--check"] if check else []
+    command += ["--cpu"] if args.cpu else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if args.cpu else os.environ.get("OMP_NUM_THREADS", "4")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0 or not (out / "result.json").exists():
+        return f"failed (rc {result.returncode}): " + (result.stderr or result.stdout)[-1500:].replace("\n", " | ")
+    return json.loads((out / "result.json").read_text())
+
+
+def check(args: argparse.Namespace, tmp: Path, shape: str, base: str) -> bool:
+    from safetensors.torch import load_file
+
+    runs = {"initial": ("ddp", 1, "replicated"), "1 GPU": ("ddp", 1, "replicated"), "DDP x2": ("ddp", 2, "replicated"),
+            "FSDP2 x2 (adapters sharded)": ("fsdp2", 2, "sharded"),
+            "FSDP2 x2 (adapters replicated)": ("fsdp2", 2, "replicated")}
+    adapters = {}
+    for name, (strategy, gpus, placement) in runs.items():
+        out = tmp / f"check-{shape}-{base}-{name.replace(' ', '_').replace('(', '').replace(')', '')}"
+        result = launch(args, out, shape, base, strategy, gpus, check=True, adapters=placement,
+                        check_steps=0 if name == "initial" else 3)
+        if isinstance(result, str):
+            print(f"  check {shape} {base} {name}: {result}")
+            return False
+        adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
+    initial, reference = adapters.pop("initial"), adapters.pop("1 GPU")
+    moved = max((reference[k] - initial[k]).abs().max().item() for k in reference)
+    print(f"  check {shape} {base}: 3 SGD steps on 1 GPU moved the adapter by max |update| {moved:.2e}")
+    ok = moved > 0
+    for name, tensors in adapters.items():
+        worst = max(((tensors[k] - reference[k]).abs() - args.check_rtol * reference[k].abs()).max().item()
+                    for k in reference)
+        diff = max((tensors[k] - reference[k]).abs().max().item() for k in reference)
+        passed = tensors.keys() == reference.keys() and worst <= args.check_atol
+        ok &= passed
+        print(f"  check {shape} {base}: {name} vs 1 GPU after 3 SGD steps on the same global batch: max |diff| "
+              f"{diff:.2e} -> {'ok' if passed else 'FAILED'} (atol {args.check_atol:g} + rtol {args.check_rtol:g})")
+    return ok
+
+
+def export_memory(args: argparse.Namespace, tmp: Path) -> int:
+    print(f"Merged export under FSDP2 (sharded_export), LoRA r={args.r} on all projections")
+    for shape in args.shapes:
+        for base in args.bases:
+            out = tmp / f"export-{shape}-{base}"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
+                       __file__, "--worker", "--export-memory", "--shape", shape, "--base", base, "--out", str(out),
+                       "--lora-r", str(args.r)] + (["--cpu"] if args.cpu else [])
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                print(f"{shape} {base} measured: failed: {(result.stderr or result.stdout)[-1500:]}")
+                continue
+            rows = json.loads((out / "result.json").read_text())
+            files = sorted(p.name for p in (out / "merged").iterdir())
+            print(f"{shape} {base} measured on {args.gpus} GPUs: " + "; ".join(
+                f"rank {i}: sharded model {r['resident_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB "
+                f"(+{r['peak_gib'] - r['resident_gib']:.2f}), CPU RSS peak {r['cpu_rss_gib']:.1f} GiB, "
+                f"{r['seconds']:.0f} s" for i, r in enumerate(rows)) + f"; files {files}")
+            for line in simulated_export_memory(args, shape, base, worlds=(args.gpus,)):
+                print("  formula check: " + line)
+    for base in args.bases:
+        for line in simulated_export_memory(args, "tiny" if args.cpu else "70b", base):
+            print(line)
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="1b", help=argparse.SUPPRESS)
+    p.add_argument("--base", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--check-world", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--check-steps", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
+    p.add_argument("--bases", nargs="+", default=["bf16", "nf4"], choices=["bf16", "nf4"])
+    p.add_argument("--strategies", nargs="+", default=["ddp", "fsdp2"], choices=["ddp", "fsdp2"])
+    p.add_argument("--gpus", type=int, default=2, help="the multi-GPU rows' GPU count (one host)")
+    p.add_argument("--fsdp2-adapters", default="replicated", choices=["replicated", "sharded"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lora-r", dest="r", type=int, default=16)
+    p.add_argument("--check-rtol", type=float, default=1e-3)
+    p.add_argument("--check-atol", type=float, default=1e-5)
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test with --shapes tiny)")
+    p.add_argument("--export-memory", action="store_true",
+                   help="instead of training: merged-export peak memory per rank, measured for --shapes on --gpus "
+                        "GPUs and simulated for 70b (meta device + one real decoder layer)")
+    args = p.parse_args()
+    if args.worker:
+        export_memory_worker(args) if args.export_memory else worker(args)
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed-"))
+    if args.export_memory:
+        return export_memory(args, tmp)
+    ok = True
+    if not args.skip_check:
+        print("Part 1: correctness (float32, 2 layers of each shape's width)")
+        for shape in args.shapes:
+            for base in args.bases:
+                ok &= check(args, tmp, shape, base)
+        if not ok:
+            print("correctness check failed: no timing")
+            return 1
+    print(f"\nPart 2: Trainer.fit steps, LoRA r={args.r} on {', '.join(PROJECTIONS)}; median of {args.steps} steps "
+          f"after {args.warmup}; FSDP2 adapters {args.fsdp2_adapters}")
+    print("| shape | base | strategy | GPUs | batch x seq per GPU | step ms | tokens/s | scaling | peak GiB per rank "
+          "(setup peak) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        for base in args.bases:
+            single = None
+            for strategy, gpus in [("ddp", 1)] + [(s, args.gpus) for s in args.strategies]:
+                out = tmp / f"{shape}-{base}-{strategy}-{gpus}"
+                result = launch(args, out, shape, base, strategy, gpus, check=False, adapters=args.fsdp2_adapters)
+                label = "1 GPU" if gpus == 1 else strategy.upper()
+                run = RUN[shape]
+                if isinstance(result, str):
+                    print(f"| {shape} | {base} | {label} | {gpus} | | | | | {result[:300]} |")
+                    continue
+                step = max(r["step_s"] for r in result)
+                tokens = result[0]["tokens_per_step"] / step
+                single = tokens if gpus == 1 else single
+                scaling = f"{tokens / single:.2f}x ({100 * tokens / (gpus * single):.0f}%)" if single and gpus > 1 else "1.00x"
+                peaks = " / ".join(f"{r['peak_gib']:.1f} ({r['setup_peak_gib']:.1f})" for r in result)
+                print(f"| {shape} | {base} | {label} | {gpus} | {run['batch']} x {run['seq']}"
+                      f"{' +ckpt' if run['grad_ckpt'] else ''} | {1000 * step:.0f} | {tokens:,.0f} | {scaling} | {peaks} |",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
