@@ -207,7 +207,7 @@ def worker(args: argparse.Namespace) -> None:
     loader = DataLoader(data, batch_size=per_rank, sampler=sampler, shuffle=False)
     timer = Timer()
     callback = ll.LoRACallback(r=args.r, alpha=2 * args.r, target_modules=PROJECTIONS, export_dir=str(args.out),
-                               export_merged=False)
+                               export_merged=False, compile=args.compile)
     trainer = pl.Trainer(accelerator="cpu" if args.cpu else "gpu", devices=world, strategy=lightning_strategy,
                          precision="32-true", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -322,6 +322,7 @@ def launch(args: argparse.Namespace, out: Path, shape: str, base: str, strategy:
                "--worker", "--shape", shape, "--base", base, "--strategy", strategy, "--out", str(out),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.r),
                "--fsdp2-adapters", adapters, "--check-world", "2", "--check-steps", str(check_steps)]
+    command += ["--compile"] if args.compile and not check else []
     command += ["--check"] if check else []
     command += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": "1" if args.cpu else os.environ.get("OMP_NUM_THREADS", "4")}
@@ -408,6 +409,7 @@ def main() -> int:
     p.add_argument("--check-rtol", type=float, default=1e-3)
     p.add_argument("--check-atol", type=float, default=1e-5)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--compile", action="store_true", help="LoRACallback(compile=True) (regional compile); default eager")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test with --shapes tiny)")
     p.add_argument("--export-memory", action="store_true",
                    help="instead of training: merged-export peak memory per rank, measured for --shapes on --gpus "
