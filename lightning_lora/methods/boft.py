@@ -157,12 +157,18 @@ class BOFTUpdate(WeightUpdate):
             blocks = torch.cat([blocks[:chosen], dropped[None], blocks[chosen + 1:]])
         return blocks
 
+    def factor(self, h: Tensor, blocks: Tensor, i: int) -> Tensor:
+        """``h B_i = ((h P_i) diag(blocks)) P_i^T``, the permutations as gathers (P_0 is the identity: none)."""
+        if i == 0:
+            return rotate_blocks(h, blocks)
+        return rotate_blocks(h[..., self.inverse_perm[i]], blocks)[..., self.perm[i]]
+
     def transform_input(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
-        """``x M = x B_m ... B_0``, each ``x B_i = ((x P_i) diag(R_i)) P_i^T`` done as gathers."""
+        """``x M = x B_m ... B_0``."""
         blocks = self.rotations(dropout=self.training)
         h = x.to(blocks.dtype)
         for i in reversed(range(blocks.shape[0])):
-            h = rotate_blocks(h[..., self.inverse_perm[i]], blocks[i])[..., self.perm[i]]
+            h = self.factor(h, blocks[i], i)
         return h.to(x.dtype)
 
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
@@ -176,7 +182,7 @@ class BOFTUpdate(WeightUpdate):
         w = layer.linear_weight().to(blocks.dtype)
         h = w
         for i in range(blocks.shape[0]):
-            h = rotate_blocks(h[..., self.inverse_perm[i]], blocks[i].transpose(-2, -1))[..., self.perm[i]]
+            h = self.factor(h, blocks[i].transpose(-2, -1), i)
         return h * self.boft_s - w
 
 

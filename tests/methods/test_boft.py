@@ -79,6 +79,7 @@ def test_butterfly_permutation_is_peft_s() -> None:
     for n, blocks, half, factors in [(16, 4, 2, 1), (16, 2, 2, 2), (32, 4, 1, 3), (24, 3, 2, 1)]:
         expected = BOFTLayer.block_butterfly_perm(None, n, blocks, half, factors)
         assert torch.equal(butterfly_permutation(n, blocks, half, factors), expected)
+    assert torch.equal(butterfly_permutation(16, 4, 2, 2), torch.arange(16))  # the first factor's P_0 is I
 
 
 def test_dropout_sets_some_blocks_of_one_factor_to_the_identity() -> None:
