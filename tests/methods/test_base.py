@@ -43,7 +43,13 @@ def test_base_layer_subclasses_use_their_parents_entry() -> None:
 
 
 def test_registry_names_every_method() -> None:
-    assert set(METHODS) == {"lora", "dora", "houlsby", "pfeiffer"}
+    """The families of the brief, each registered under its name and each with a config class."""
+    from lightning_lora.config import config_class_for
+
+    assert set(METHODS) == {"lora", "dora", "adalora", "houlsby", "pfeiffer", "oft", "boft", "hra", "bone", "miss",
+                            "loha", "lokr", "vera", "llama_adapter", "prefix", "prompt", "bitfit", "xlora"}
+    for name, spec in METHODS.items():
+        assert spec.name == name and name in config_class_for(name).METHODS
     assert method_spec("dora").mergeable and not method_spec("houlsby").mergeable
     with pytest.raises(Exception, match="Unknown method 'nope'"):
         method_spec("nope")
