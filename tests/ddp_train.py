@@ -48,10 +48,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
     parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
+    parser.add_argument("--method", default="lora")
     args = parser.parse_args()
     pl.seed_everything(0)
     # Checkpoints and exports at steps 4 and 8: rank zero writes them while the other ranks wait at Lightning's barrier.
-    callback = ll.LoRACallback(r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
+    callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
                                export_merged=args.export_merged,
                                export_on_checkpoint=True, quantize=args.quantize)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)

@@ -35,15 +35,17 @@ def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, tor
 NF4 = '{"format": "nf4", "block_size": 16, "scaler_block_size": 4}'  # block sizes that divide the tiny weights
 
 
-@pytest.mark.parametrize(("adapters", "quantize"), [("sharded", "null"), ("replicated", NF4)], ids=["sharded", "nf4"])
-def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: str, quantize: str) -> None:
-    """Sharded adapters over a float32 base; replicated adapters over an NF4 base (quantized before sharding, so
-    FSDP2 shards the NF4 weights; the merged export dequantizes each gathered weight)."""
+@pytest.mark.parametrize(("method", "adapters", "quantize"), [("lora", "sharded", "null"), ("lora", "replicated", NF4),
+                                                             ("dora", "sharded", "null")], ids=["sharded", "nf4", "dora"])
+def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, method: str, adapters: str, quantize: str) -> None:
+    """LoRA with sharded adapters over a float32 base (and resumed at world size 1); LoRA with replicated adapters
+    over an NF4 base (quantized before sharding, so FSDP2 shards the NF4 weights; the merged export dequantizes each
+    gathered weight); DoRA (its magnitude sharded too)."""
     one_dir = tmp_path / "one"
-    one = train(one_dir, 1, 8, "--export-merged", "--quantize", quantize)
+    one = train(one_dir, 1, 8, "--export-merged", "--quantize", quantize, "--method", method)
     two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters, "--export-merged",
-                "--quantize", quantize)
-    assert two.keys() == one.keys() and len(one) == 8
+                "--quantize", quantize, "--method", method)
+    assert two.keys() == one.keys() and len(one) == (12 if method == "dora" else 8)
     for key in one:
         torch.testing.assert_close(two[key], one[key], **TOL, msg=key)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
@@ -56,7 +58,7 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: 
     assert saved["state_dict"].keys() == expected["state_dict"].keys()  # the adapter only, one process's key names
     assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())  # whole tensors, not DTensor shards
     torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)
-    assert len(saved["optimizer_states"][0]["state"]) == 8  # Adam's state of the adapter only, as one process's
+    assert len(saved["optimizer_states"][0]["state"]) == len(one)  # Adam's state of the adapter only, as one process's
     torch.testing.assert_close(saved["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"], **TOL)
     # the merged export, gathered one tensor at a time and merged in float32, equals one process's save_pretrained
     merged, expected_merged = read_merged(tmp_path / "two" / "merged"), read_merged(one_dir / "merged")
@@ -65,7 +67,7 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: 
     for step in (4, 8):
         torch.testing.assert_close(read_merged(tmp_path / "two" / f"step-{step}" / "merged"),
                                    read_merged(one_dir / f"step-{step}" / "merged"), **TOL)
-    if adapters == "sharded":
+    if adapters == "sharded" and method == "lora":
         # saved at world size 2, resumed at world size 1 (plain strategy): the same adapter as the run never stopped
         resumed = train(tmp_path / "resumed", 1, 8, "--resume", str(ckpt))
         for key in one:
@@ -93,6 +95,11 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
     assert not ll.adapters(module.model)
     with pytest.raises(ll.ConfigError, match="build it in __init__ and shard it in configure_model"):
         setup(ConfigureModelLlama(), data_parallel_size=1, tensor_parallel_size=1)
+    with pytest.raises(ll.ConfigError, match="supports lora, dora with one adapter.*not loha yet.*strategy='ddp'"):
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
+        ll.LoRACallback("loha", r=4, target_modules=["q_proj"], export_merged=False).setup(trainer, module, "fit")
+    assert not ll.adapters(module.model)
 
 
 def test_merged_shards_in_save_pretrained_layout(tmp_path: Path) -> None:

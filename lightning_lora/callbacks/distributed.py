@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 from lightning_lora import distributed
 
 _METHODS = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
+FSDP2_METHODS = ("lora", "dora")  # tested under FSDP2 against one process (tests/test_fsdp.py); others are refused
 
 
 def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], check: Callable[[dict], None],

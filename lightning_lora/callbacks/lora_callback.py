@@ -167,12 +167,6 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_on_checkpoint: export at every checkpoint too (into export_dir/step-<N>), not only at fit end.
         seed: seed of the adapter's initialization, drawn in a forked RNG so the run's random stream is untouched;
             None uses torch.initial_seed() (what seed_everything sets), so every rank and strategy agree.
-        adapters: several named adapters in one run, each with its own method and options: a dict of adapter name to
-            options, e.g. {task_a: {method: lora, r: 8}, task_b: {method: dora, r: 4, target_modules: [q_proj]}} (the
-            method options above must then be unset). All are active; with adapter_key each example trains its own.
-            The adapter export writes each in PEFT's layout (sub-folders by name); no merged export unless asked.
-        adapter_key: the key of a dict batch that holds each example's adapter name ("__base__" for none): one
-            forward applies each example's own adapter (lightning_lora.mixed), in fit, validate, test and predict.
         quantize: QLoRA: quantize the frozen base of the adapted nn.Linear layers with torchao: nf4, int8 or int4, or
             a dict with format and its options, e.g. {format: nf4, scaler_block_size: 64} (lightning_lora.quantize).
             Done on the training device right after the precision plugin's cast; checkpoints never hold the base.
@@ -189,6 +183,12 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             None: dequantized.
         original_weights: the full-precision base for merge_target=original: a .safetensors file or the directory
             save_pretrained wrote, keyed as the adapted model's state dict.
+        adapters: several named adapters in one run, each with its own method and options: a dict of adapter name to
+            options, e.g. {task_a: {method: lora, r: 8}, task_b: {method: dora, r: 4, target_modules: [q_proj]}} (the
+            method options above must then be unset). All are active; with adapter_key each example trains its own.
+            The adapter export writes each in PEFT's layout (sub-folders by name); no merged export unless asked.
+        adapter_key: the key of a dict batch that holds each example's adapter name ("__base__" for none): one
+            forward applies each example's own adapter (lightning_lora.mixed), in fit, validate, test and predict.
     """
 
     def __init__(
@@ -269,11 +269,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         export_on_checkpoint: bool = False,
         seed: Optional[int] = None,
         quantize: Union[str, dict[str, Any], None] = None,
-        adapters: Optional[dict[str, dict[str, Any]]] = None,
-        adapter_key: Optional[str] = None,
         compile: Union[bool, str, dict[str, Any], None] = None,
         merge_target: Optional[str] = None,
         original_weights: Optional[str] = None,
+        adapters: Optional[dict[str, dict[str, Any]]] = None,
+        adapter_key: Optional[str] = None,
     ) -> None:
         given = locals()
         options = {name: given[name] for name in method_option_names() if given.get(name) is not None}
@@ -369,6 +369,15 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"LoRACallback supports ModelParallelStrategy as FSDP2 data parallelism only, and this one has "
                 f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={trainer.world_size}, "
                 "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
+            )
+        methods = sorted({c.method for c in (self.named_configs or {"": self.config}).values()})
+        untested = [m for m in methods if m not in fsdp2.FSDP2_METHODS] + (["several named adapters"]
+                                                                          if self.named_configs else [])
+        if untested:
+            raise ConfigError(
+                f"LoRACallback under ModelParallelStrategy (FSDP2) supports {', '.join(fsdp2.FSDP2_METHODS)} with one "
+                f"adapter (what is tested against one process); not {', '.join(untested)} yet. Train it with "
+                "strategy='ddp' instead."
             )
         if self.merge_options.get("merge_target", "dequantized") != "dequantized":
             raise ConfigError(
