@@ -111,3 +111,51 @@ def test_bad_mixed_batches_are_refused() -> None:
     set_batch_adapters(model, ["a", "b"])
     clear_batch_adapters(model)
     assert not model._forward_pre_hooks  # the batch check went with it
+
+
+def test_multi_task_example_trains_three_adapters_from_one_dataloader(tmp_path) -> None:
+    """examples/multi_task.py: LoRACallback(adapters=..., adapter_key="task"); each task is best served by its own
+    adapter after training, and the export holds the three in PEFT's layout."""
+    from examples import multi_task
+
+    result = multi_task.main(max_steps=30, root=str(tmp_path))
+    for task, row in result["scores"].items():
+        assert row[task] < min(loss for adapter, loss in row.items() if adapter != task), (task, row)
+    saved = sorted(p.name for p in result["adapter_dir"].iterdir() if p.is_dir())
+    assert saved == ["copy", "mirror", "next"]
+
+
+def test_callback_refuses_bad_named_adapters_and_batches(tmp_path) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from examples import multi_task
+    from lightning_lora import LoRACallback
+
+    with pytest.raises(ConfigError, match=r"adapters\['b'\]: .*takes no option 'rank'"):
+        LoRACallback(adapters={"a": {"r": 2}, "b": {"rank": 2}})
+    with pytest.raises(ConfigError, match="give method options per adapter"):
+        LoRACallback(r=4, adapters={"a": {"r": 2}})
+    callback = LoRACallback(adapters={"a": {"r": 2}}, adapter_key="adapter", export_dir=str(tmp_path))
+    trainer = pl.Trainer(callbacks=[callback], max_steps=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="adapter_key='adapter', but the batch has no such key"):
+        trainer.fit(multi_task.TinyLM(), DataLoader(multi_task.Tasks(6, seed=0), batch_size=3))
+
+
+def test_cli_takes_named_adapters_and_a_batch_key(tmp_path) -> None:
+    import json
+
+    from lightning_lora.cli import build_cli
+    from lightning_lora import LoRACallback
+
+    named = {"copy": {"r": 4}, "next": {"method": "lora", "r": 8}, "mirror": {"method": "dora", "r": 2}}
+    cli = build_cli(["fit", "--model=examples.multi_task.TinyLM", "--data=examples.multi_task.TasksData",
+                     "--data.count=12", "--data.batch_size=6", "--trainer.max_steps=2", "--trainer.logger=false",
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                     "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
+                     f"--lora.adapters={json.dumps(named)}", "--lora.adapter_key=task",
+                     f"--lora.export_dir={tmp_path / 'export'}"])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]
+    assert {n: c.method for n, c in callback.named_configs.items()} == {"copy": "lora", "next": "lora", "mirror": "dora"}
+    assert sorted(p.name for p in (tmp_path / "export" / "adapter").iterdir() if p.is_dir()) == ["copy", "mirror", "next"]
