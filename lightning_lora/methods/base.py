@@ -285,13 +285,17 @@ class AdaptedLayer(nn.Module):
         return self.adapters if self.active_adapters is None else self.active_adapters
 
     def _base_input(self, x: Tensor) -> Tensor:
-        """``x`` through the input transforms of the active unmerged updates (multiplicative methods); else ``x``."""
-        if self.batch_route is None:
-            for name in self.active_names():
-                update = self.adapters[name] if name in self.adapters else None
-                if update is not None and update.transforms_input and not update.merged:
-                    x = update.transform_input(self, x)
-        return x
+        """``x`` as the base op sees it with the active unmerged input-transforming updates (multiplicative methods).
+        Several combine as ``x + sum_i (T_i(x) - x)``, the input side of the merged weight ``W + sum_i dW_i``, so
+        merging any of them leaves the outputs as they were (chaining them would not)."""
+        if self.batch_route is not None:
+            return x
+        moved = [update.transform_input(self, x) for update in (
+            self.adapters[n] for n in self.active_names() if n in self.adapters)
+            if update.transforms_input and not update.merged]
+        if len(moved) < 2:
+            return moved[0] if moved else x
+        return x + sum(m - x for m in moved)
 
     @property
     def config(self) -> AdapterConfig:

@@ -157,3 +157,24 @@ def test_cli(tmp_path: Path) -> None:
 
 def test_over_a_quantized_base() -> None:
     assert_over_quantized_base("oft", oft_block_size=8)
+
+
+def test_several_active_adapters_on_one_layer_merge_to_the_same_outputs() -> None:
+    """OFT, HRA and LoRA active together: input transforms combine as x + sum(T_i(x) - x), the input side of the
+    merged weight W + sum dW_i, so merging leaves the outputs as they were."""
+    from lightning_lora.surgery import merge, set_active_adapters, unmerge
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 5))
+    inject(model, AdapterConfig.create("oft", target_modules=["0"], oft_block_size=4, init_weights=False), seed=1)
+    inject(model, AdapterConfig.create("hra", target_modules=["0"], r=2, init_weights=False), seed=2, name="b")
+    inject(model, AdapterConfig.create("lora", target_modules=["0"], r=2, init_weights=False), seed=3, name="c")
+    set_active_adapters(model, ["default", "b", "c"])
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        unmerged = model(x)
+        merge(model)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+        unmerge(model)
+        set_active_adapters(model, ["default"])
+        assert (model(x) - unmerged).abs().max() > 1e-3  # each adapter mattered
