@@ -146,3 +146,17 @@ def test_our_nf4_dequantization_equals_torchaos_bit_for_bit(dtype: torch.dtype, 
     nf4 = _nf4_quantize(weight, NF4Config(block_size=64, scaler_block_size=16, double_quantization=double))
     ours, theirs = _dequantize_nf4(nf4), nf4.get_original_weight()
     assert ours.dtype == theirs.dtype == dtype and torch.equal(ours, theirs)
+
+
+def test_packed_int4_is_refused_under_fsdp2_with_the_fix(tmp_path: Path) -> None:
+    """FSDP2 shards parameters with aten.split, which the packed int4 layout lacks: refused in setup, model untouched."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    module = TinyLlamaModule()
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
+    callback = ll.LoRACallback(r=4, target_modules=["q_proj"], export_merged=False, quantize="int4")
+    with pytest.raises(ConfigError, match="packed int4 layout cannot be sharded yet. Use quantize='nf4'"):
+        callback.setup(trainer, module, "fit")
+    assert not ll.adapters(module.model)

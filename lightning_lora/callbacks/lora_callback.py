@@ -393,6 +393,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 "sharded model would dequantize the base. Use precision='bf16-mixed' (or '32-true' with "
                 "shard_model(..., mp_policy=MixedPrecisionPolicy(...)))."
             )
+        if getattr(self.quantize, "format", None) == "int4" and self.quantize.packing in ("auto", "packed"):
+            raise ConfigError(  # lightning_lora.int4.PackedInt4Tensor has no split/all-gather for FSDP2 to shard it
+                "LoRACallback(quantize=int4) under ModelParallelStrategy: the packed int4 layout cannot be sharded yet. "
+                "Use quantize='nf4' (FSDP2 shards torchao's NF4), or strategy='ddp'."
+            )
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
