@@ -194,8 +194,9 @@ def main() -> int:
     flip = iter(range(10**9))
     report["merged_switch_ms"] = timed(lambda: ll.set_active_adapters(ours, NAMES[next(flip) % 2]), args)
     kept = [layer.exact_base for layer in ll.adapters(ours).values() if layer.exact_base is not None]
-    report["exact_base_mib"] = sum(t.numel() * t.element_size() for t in kept) / 2**20
-    report["exact_base_on"] = sorted({str(t.device) for t in kept})
+    for device in sorted({str(t.device) for t in kept}):  # large weights keep theirs on the CPU, small on device
+        report[f"exact_base_mib_{device}"] = sum(t.numel() * t.element_size() for t in kept
+                                                 if str(t.device) == device) / 2**20
     report["adapted_weights_mib"] = sum(layer.weight.numel() * layer.weight.element_size()
                                         for layer in ll.adapters(ours).values()) / 2**20
     ll.unmerge(ours)

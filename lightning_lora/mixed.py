@@ -17,7 +17,7 @@ what ``generate`` does when it repeats examples for beams or several sequences p
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,24 +104,22 @@ def _lora_rows(x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]], in
                     + [x.new_zeros(out.shape[1], r_max, dtype=dtype)])  # (n + 1, out, r)
     per_example = slots[index]  # index -1 (no adapter) reads the last entry: the zero slot
     rows = x.shape[0] // batch
-    x_in = _dropout(x, present, index.repeat_interleave(rows)).to(dtype).view(batch, rows, -1)
+    x_in = _dropout(x, present, lambda: slots[index].repeat_interleave(rows)).to(dtype).view(batch, rows, -1)
     hidden = torch.bmm(x_in, a[per_example].transpose(1, 2))  # (batch, rows, r)
     out.view(batch, rows, -1).baddbmm_(hidden, b[per_example].transpose(1, 2))
     return out
 
 
-def _dropout(x: Tensor, present: list[tuple[int, LoRAUpdate]], rows: Tensor) -> Tensor:
-    """Each row's adapter's dropout on its input (one draw per row: a row meets one adapter only)."""
-    ps = {k: (u.lora_dropout.p if isinstance(u.lora_dropout, nn.Dropout) and u.lora_dropout.training else 0.0)
-          for k, u in present}
-    if not any(ps.values()):
+def _dropout(x: Tensor, present: list[tuple[int, LoRAUpdate]], row_slots: Callable[[], Tensor]) -> Tensor:
+    """Each row's adapter's dropout on its input (one draw per row: a row meets one adapter only). ``row_slots``
+    gives each row's slot among ``present`` (``len(present)``: none)."""
+    ps = [u.lora_dropout.p if isinstance(u.lora_dropout, nn.Dropout) and u.lora_dropout.training else 0.0
+          for _, u in present]
+    if not any(ps):
         return x
-    if len(set(ps.values())) == 1:
-        return F.dropout(x, next(iter(ps.values())), training=True)
-    table = torch.zeros(max(ps) + 2, device=x.device, dtype=x.dtype)  # index -1 (no adapter) reads the last entry
-    for k, p in ps.items():
-        table[k] = p
-    keep = (1 - table[rows]).unsqueeze(1)
+    if len(set(ps)) == 1:
+        return F.dropout(x, ps[0], training=True)
+    keep = (1 - torch.tensor([*ps, 0.0], device=x.device, dtype=x.dtype)[row_slots()]).unsqueeze(1)
     return x * torch.bernoulli(keep.expand_as(x)) / keep
 
 

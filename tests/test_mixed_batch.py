@@ -159,3 +159,20 @@ def test_cli_takes_named_adapters_and_a_batch_key(tmp_path) -> None:
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LoRACallback)]
     assert {n: c.method for n, c in callback.named_configs.items()} == {"copy": "lora", "next": "lora", "mirror": "dora"}
     assert sorted(p.name for p in (tmp_path / "export" / "adapter").iterdir() if p.is_dir()) == ["copy", "mirror", "next"]
+
+
+def test_mixed_training_batch_with_different_dropouts() -> None:
+    """Each row gets its own adapter's dropout; rows without an adapter are the base's, whatever the draws."""
+    model = make_llama(0)
+    for name, p in (("a", 0.1), ("b", 0.5)):
+        inject(model, dict(method="lora", r=2, dropout=p, target_modules=["q_proj"], init_weights=False), seed=1,
+               name=name)
+    model.train()
+    tokens = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(3))
+    with adapter_batch(model, ["a", "b", None]):
+        out = model(tokens).logits
+    out.sum().backward()
+    with torch.no_grad(), disable_adapters(model):
+        torch.testing.assert_close(out[2], model(tokens[2:]).logits[0], rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)

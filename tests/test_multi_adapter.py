@@ -208,7 +208,7 @@ OPS = ["merge", "merge_a", "merge_b", "unmerge", "unmerge_a", "activate_a", "act
 
 
 @pytest.mark.parametrize("method", mergeable_methods())
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        ops=st.lists(st.sampled_from(OPS), min_size=20, max_size=30))
 def test_any_sequence_of_merges_and_switches_restores_the_base_bit_for_bit(method: str, dtype: torch.dtype,
