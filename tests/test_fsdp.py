@@ -2,7 +2,7 @@
 
 The adapter after 8 steps equals one process's on the same global batch (rtol 1e-4, atol 1e-5, as for DDP: the
 two differ only in the order float32 gradients are summed); checkpoints hold adapter tensors only, in one file that
-one process resumes; the adapter export is written once, complete, by rank zero.
+one process resumes (and one process's, FSDP2 on two); the adapter export is written once, complete, by rank zero.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, method: st
     if adapters == "sharded" and method == "lora":
         # saved at world size 2, resumed at world size 1 (plain strategy): the same adapter as the run never stopped
         resumed = train(tmp_path / "resumed", 1, 8, "--resume", str(ckpt))
+        for key in one:
+            torch.testing.assert_close(resumed[key], one[key], **TOL, msg=key)
+        # and the other way: one process's checkpoint resumed under FSDP2 on 2 (each rank loads its shards of the
+        # adapter and of Adam's state, after Lightning's on_fit_start)
+        one_ckpt = next((one_dir / "ckpt").glob("*step=4.ckpt"))
+        resumed = train(tmp_path / "resumed2", 2, 4, "--strategy", "fsdp2", "--resume", str(one_ckpt))
         for key in one:
             torch.testing.assert_close(resumed[key], one[key], **TOL, msg=key)
 

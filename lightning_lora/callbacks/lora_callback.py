@@ -310,7 +310,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._resume_rng: Optional[dict[str, Any]] = None
         self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
         self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
-        self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded in on_fit_start
+        self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded after pruning
+        self._optimizers_pruned = False  # on_fit_start has run (frozen parameters left the optimizers)
         self._replicated: list[nn.Parameter] = []  # FSDP2: trainable parameters kept whole on every rank
 
     @property
@@ -411,7 +412,20 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         fsdp2.use_adapter_checkpoints(trainer.strategy, self._frozen_keys,
                                       lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
                                       self._export_step_all_ranks,
-                                      lambda states: setattr(self, "_pending_optimizer_states", states))
+                                      self._restore_optimizer_states)
+
+    def _restore_optimizer_states(self, states: list) -> None:
+        """FSDP2: a checkpoint's optimizer states, loaded once the optimizers hold only trainable parameters. Under
+        ModelParallelStrategy Lightning reads the checkpoint after on_fit_start (restore_checkpoint_after_setup), so
+        they load at once; they wait for on_fit_start if a strategy reads it before."""
+        self._pending_optimizer_states = states
+        if self._optimizers_pruned:
+            self._load_optimizer_states()
+
+    def _load_optimizer_states(self) -> None:
+        for optimizer, state in zip(self._trainer.optimizers, self._pending_optimizer_states or []):
+            distributed.load_optimizer_state(optimizer, state)
+        self._pending_optimizer_states = None
 
     def _after_precision_cast(self) -> None:
         """Quantize the base if asked, and keep adapters in float32 whatever the precision plugin cast them to."""
@@ -511,9 +525,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
         if self._sharded:
-            for optimizer, state in zip(trainer.optimizers, self._pending_optimizer_states or []):
-                distributed.load_optimizer_state(optimizer, state)
-            self._pending_optimizer_states = None
+            self._optimizers_pruned = True
+            self._load_optimizer_states()
             self._replicated = distributed.replicated_trainable(pl_module) if distributed.is_sharded(pl_module) else []
         params = list(adapter_parameters(self.model))
         if not any(p.requires_grad for p in params):
@@ -543,6 +556,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         fsdp2.remove_adapter_checkpoints(trainer.strategy)
+        self._optimizers_pruned = False  # a next fit builds new optimizers
         for hook in ("configure_model", "on_load_checkpoint"):
             pl_module.__dict__.pop(hook, None)
         trainer.precision_plugin.__dict__.pop("convert_module", None)
