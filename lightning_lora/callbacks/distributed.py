@@ -12,7 +12,8 @@ methods on the strategy *instance* (never its class; ``remove_adapter_checkpoint
   ``AdapterCheckpointIO``: atomic, trimmed), whatever ``save_distributed_checkpoint`` says, since it is adapter-sized;
   then ``after_save`` on every rank (the export of that step, which gathers);
 - ``load_checkpoint``: such a file (from any world size or strategy): checked, then each rank copies its shards in;
-  the optimizer state waits for ``on_fit_start`` (after the frozen parameters left the optimizer).
+  the optimizer state goes to the callback, which loads it once the frozen parameters have left the optimizers
+  (Lightning reads an FSDP2 checkpoint after ``on_fit_start``, where that happens: ``restore_checkpoint_after_setup``).
 
 So a run saved on 2 GPUs resumes on 1 (any strategy reads the file) and back.
 """
@@ -34,8 +35,8 @@ def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], 
 
     ``frozen_keys()``: the LightningModule's state keys left out; ``check(checkpoint)`` refuses a checkpoint of another
     adapter before anything is loaded; ``after_save()`` runs on every rank once the file is written;
-    ``pending_optimizer_states(states)`` keeps the optimizer states until the optimizers hold only trainable
-    parameters."""
+    ``pending_optimizer_states(states)`` loads the optimizer states (once the optimizers hold only trainable
+    parameters)."""
 
     def lightning_module_state_dict() -> dict[str, Any]:
         return distributed.trainable_state(strategy.lightning_module, frozen_keys())
