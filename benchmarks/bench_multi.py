@@ -14,7 +14,6 @@ exits with status 1 after the timings. Then it times forward (no grad) and forwa
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys

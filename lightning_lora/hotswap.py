@@ -22,7 +22,12 @@ from .config import DEFAULT_ADAPTER, ConfigError, LoRAConfig
 from .fingerprint import base_fingerprint, compare_fingerprints
 from .io import FINGERPRINT_KEY, AdapterFileError, read_adapter
 from .methods.base import AdaptedLayer
-from .methods.lora import LoRAConvUpdate, LoRAEmbeddingUpdate, LoRAUpdate, rank_and_alpha
+from .methods.lora import (
+    LoRAConvUpdate,
+    LoRAEmbeddingUpdate,
+    LoRAUpdate,
+    rank_and_alpha,
+)
 from .surgery import adapters, check_names
 
 LORA_UPDATES = (LoRAUpdate, LoRAEmbeddingUpdate, LoRAConvUpdate)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import make_llama
 from peft_oracle import PEFT_WARNINGS, logits
+
 from lightning_lora import (
     ConfigError,
     adapter_names,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import VOCAB, make_llama
+
 from lightning_lora import ConfigError, inject, load_adapter, merge, save_adapter
 from lightning_lora.hotswap import hotswap_adapter
 

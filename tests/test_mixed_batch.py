@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, make_llama
 from torch import nn
 
-from conftest import VOCAB, make_llama
-from lightning_lora import ConfigError, disable_adapters, inject, merge, set_active_adapters, unmerge
+from lightning_lora import (
+    ConfigError,
+    disable_adapters,
+    inject,
+    merge,
+    set_active_adapters,
+    unmerge,
+)
 from lightning_lora.mixed import adapter_batch, clear_batch_adapters, set_batch_adapters
 
 NAMES = ["a", None, "b", "c", "a", "__base__"]
@@ -146,8 +153,8 @@ def test_callback_refuses_bad_named_adapters_and_batches(tmp_path) -> None:
 def test_cli_takes_named_adapters_and_a_batch_key(tmp_path) -> None:
     import json
 
-    from lightning_lora.cli import build_cli
     from lightning_lora import LoRACallback
+    from lightning_lora.cli import build_cli
 
     named = {"copy": {"r": 4}, "next": {"method": "lora", "r": 8}, "mirror": {"method": "dora", "r": 2}}
     cli = build_cli(["fit", "--model=examples.multi_task.TinyLM", "--data=examples.multi_task.TasksData",

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from peft_oracle import PEFT_WARNINGS, logits
 from torch import nn
 
-from conftest import make_llama
-from peft_oracle import PEFT_WARNINGS, logits
 from lightning_lora import (
     AdapterConfig,
     ConfigError,
