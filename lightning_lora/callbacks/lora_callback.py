@@ -618,7 +618,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         directory = self._export_root(trainer) / f"step-{trainer.global_step}"
         try:
             export_step(self.model, directory, self.export_merged, self._tokenizer(trainer), self._fingerprint,
-                        self.merge_options, merged_tensors=tensors)
+                        self.merge_options, tensors)
         except OSError as err:  # ExportError, including safetensors' errors: the checkpoint is written, keep training
             rank_zero_warn(f"lightning_lora: the export of step {trainer.global_step} to {directory} failed, training "
                            f"goes on and the checkpoint is complete: {err}")
