@@ -47,7 +47,8 @@ def build(args: argparse.Namespace) -> nn.Module:
 
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max(args.seq, 64), attn_implementation="sdpa", **SHAPES[args.shape])
-    return LlamaForCausalLM(config).to(device=args.device, dtype=args.dtype).eval()
+    with torch.device(args.device):  # initialized where it runs: a 1B model's CPU init takes long (same seed each time)
+        return LlamaForCausalLM(config).to(dtype=args.dtype).eval()
 
 
 def timed(fn, args: argparse.Namespace) -> float:
