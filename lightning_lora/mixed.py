@@ -96,7 +96,7 @@ class BatchRoute:
             return out
         if layer.kind.family == "linear" and all(type(u) is LoRAUpdate for _, u in present):
             self.rows(x.shape[0], x.device, expand=False)  # checks the rows are the examples
-            return _lora_rows(x, out, present, self)
+            return _lora_rows(layer, x, out, present, self)
         rows = self.rows(x.shape[0], x.device)
         for k, update in present:  # any other method: its update on every row, kept on its own rows
             delta = update(layer, x, out.clone()) - out
@@ -105,17 +105,37 @@ class BatchRoute:
         return out
 
 
-def _lora_rows(x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]], route: BatchRoute) -> Tensor:
+def _factors(layer: AdaptedLayer, present: list[tuple[int, LoRAUpdate]], dtype: torch.dtype, device: torch.device
+             ) -> tuple[Tensor, Tensor]:
+    """The present adapters' A (R, in) and B (out, R), concatenated and cast. Without autograd (serving) they are
+    kept on the layer until a factor changes (an optimizer step, a hot-swap, a load: each bumps the tensor's version),
+    so a forward runs three kernels per layer, one fewer than a single LoRA."""
+    weights = [t for _, u in present for t in (u.lora_A.weight, u.lora_B.weight)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in weights)
+    if not grad:
+        key = (tuple(id(u) for _, u in present), dtype, device)
+        stamp = tuple((t.data_ptr(), t._version) for t in weights)
+        cached = layer.__dict__.setdefault("_mixed_factors", {}).get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+    if len(present) == 1:
+        a, b = present[0][1].lora_A.weight.to(dtype), present[0][1].lora_B.weight.to(dtype)
+    else:
+        a = torch.cat([u.lora_A.weight for _, u in present]).to(dtype)
+        b = torch.cat([u.lora_B.weight for _, u in present], dim=1).to(dtype)
+    if not grad:
+        layer.__dict__["_mixed_factors"] = {key: (stamp, a, b)}  # the last mix only: a few MiB at most per layer
+    return a, b
+
+
+def _lora_rows(layer: AdaptedLayer, x: Tensor, out: Tensor, present: list[tuple[int, LoRAUpdate]],
+               route: BatchRoute) -> Tensor:
     """``out`` plus each example's own LoRA update, in three GEMM-side kernels as a single LoRA: ``x`` through the
     present adapters' A concatenated along the rank, times a per-example mask that keeps that example's adapter's rank
     columns (its scaling folded in; zeros for none), then through their B concatenated. The wider rank costs little:
     these skinny GEMMs are bound by reading ``x``, not by the rank."""
     dtype = out.dtype
-    if len(present) == 1:
-        a, b = present[0][1].lora_A.weight.to(dtype), present[0][1].lora_B.weight.to(dtype)
-    else:
-        a = torch.cat([u.lora_A.weight for _, u in present]).to(dtype)  # (R, in)
-        b = torch.cat([u.lora_B.weight for _, u in present], dim=1).to(dtype)  # (out, R)
+    a, b = _factors(layer, present, dtype, x.device)
     mask, slots = route.mask(present, x.device, dtype)  # (batch, 1, R)
     row_slots = lambda: slots.repeat_interleave(x.shape[0] // mask.shape[0])  # noqa: E731
     hidden = F.linear(_dropout(x, present, row_slots), a)  # (rows, R)

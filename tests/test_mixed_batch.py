@@ -183,3 +183,19 @@ def test_mixed_training_batch_with_different_dropouts() -> None:
         torch.testing.assert_close(out[2], model(tokens[2:]).logits[0], rtol=1e-5, atol=1e-5)
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_serving_cache_follows_weight_changes() -> None:
+    """Without autograd the concatenated factors are kept per layer; any in-place change of a factor (a hot-swap, an
+    optimizer step) must show in the next mixed forward."""
+    model = three_adapters()
+    tokens = torch.randint(3, VOCAB, (len(NAMES), 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with adapter_batch(model, NAMES):
+            model(tokens)
+        for layer in model.modules():
+            if hasattr(layer, "adapters") and "b" in layer.adapters:
+                layer.adapters["b"].lora_B.weight.mul_(-2.0)
+        with adapter_batch(model, NAMES):
+            mixed = model(tokens).logits
+        torch.testing.assert_close(mixed, one_by_one(model, tokens, NAMES), rtol=1e-5, atol=1e-5)
