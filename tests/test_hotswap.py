@@ -10,8 +10,8 @@ from lightning_lora import ConfigError, inject, load_adapter, merge, save_adapte
 from lightning_lora.hotswap import hotswap_adapter
 
 
-def saved(tmp_path, name: str, seed: int, **options) -> str:
-    model = make_llama(0)
+def saved(tmp_path, name: str, seed: int, base_seed: int = 0, **options) -> str:
+    model = make_llama(base_seed)
     inject(model, dict(dict(method="lora", target_modules=["q_proj", "v_proj"], init_weights=False), **options),
            seed=seed)
     save_adapter(model, tmp_path / name)
@@ -56,6 +56,7 @@ def test_hotswap_from_a_loaded_adapter_and_bad_swaps(tmp_path) -> None:
         (saved(tmp_path, "wider", 3, r=2, target_modules=["q_proj", "o_proj"]), ConfigError, "cannot add layers"),
         (saved(tmp_path, "dora", 4, method="dora", r=2), ConfigError, "only LoRA"),
         ("nope", Exception, "does not exist"),
+        (saved(tmp_path, "other_base", 5, base_seed=7, r=2), Exception, "different base model"),
     ]
     for source, error, message in bad:
         with pytest.raises(error, match=message):
