@@ -40,6 +40,7 @@ class BatchRoute:
     def __init__(self, names: list[str], index: Tensor) -> None:
         self.names = names  # the adapters in the batch; example i uses names[index[i]] (index -1: none)
         self.index = index
+        self.positions = index.tolist()  # the same on the host: no data-dependent read inside a compiled forward
         self._on: dict[torch.device, Tensor] = {}
         self._masks: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None
@@ -59,7 +60,7 @@ class BatchRoute:
                 start += update.r
             mask = torch.zeros(self.index.shape[0], 1, start)
             slots = torch.full((self.index.shape[0],), len(present))
-            for i, k in enumerate(self.index.tolist()):
+            for i, k in enumerate(self.positions):
                 if k in slot_of:
                     begin, end, scaling = offsets[slot_of[k]]
                     mask[i, 0, begin:end] = scaling
