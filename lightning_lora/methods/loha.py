@@ -9,7 +9,6 @@ convolution's factors are Tucker-style cores ``hada_t1``/``hada_t2`` times chann
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional
@@ -18,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import (ALL_LINEAR, AdapterConfig, ConfigError, _boolean, _pattern_map, _positive_int, _positive_real,
-                      _probability, exact_targets, register_config)
+from ..config import ALL_LINEAR, AdapterConfig, _boolean, register_config
 from ..targeting import pattern_value
+from . import _lycoris
 from .base import AdaptedLayer, WeightUpdate, base_kind
 from .lora import factory  # device and float32-over-half dtype of adapter tensors
-
-log = logging.getLogger(__name__)
 
 
 @register_config
@@ -51,41 +48,18 @@ class LoHaConfig(AdapterConfig):
         if self.target_modules is None:
             self.target_modules = ALL_LINEAR
         super().__post_init__()
-        self.r = _positive_int("r", self.r)
-        self.alpha = _positive_real("alpha", self.alpha)
-        self.rank_dropout = _probability("rank_dropout", self.rank_dropout)
-        self.module_dropout = _probability("module_dropout", self.module_dropout)
+        _lycoris.check_common(self)
         self.use_effective_conv2d = _boolean("use_effective_conv2d", self.use_effective_conv2d)
         self.init_weights = _boolean("init_weights", self.init_weights)
-        self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, _positive_int)
-        self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, _positive_real)
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
         """PEFT's ``adapter_config.json``: the exact adapted paths, per-path ranks/alphas that differ as patterns."""
-        targets, key = exact_targets(list(layers), module_paths)
-        conv1d = sorted(p for p, layer in layers.items() if layer.kind.fan_in_fan_out)
-        if conv1d:
-            log.warning("lightning_lora: PEFT's LoHa has no transformers Conv1D layers (%s, ...); this adapter file "
-                        "loads in lightning_lora only", conv1d[0])
-        updates = {path: next(iter(layer.adapters.values())) for path, layer in layers.items()}
-        return {"peft_type": self.PEFT_TYPE, **model_info, "r": self.r, "alpha": self.alpha,
-                "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-                "use_effective_conv2d": self.use_effective_conv2d, "init_weights": self.init_weights,
-                "target_modules": targets, "exclude_modules": None, "layers_to_transform": None,
-                "layers_pattern": None, "modules_to_save": None, "inference_mode": True,
-                "rank_pattern": {key(p): u.r for p, u in sorted(updates.items()) if u.r != self.r},
-                "alpha_pattern": {key(p): u.alpha for p, u in sorted(updates.items()) if u.alpha != self.alpha}}
+        return _lycoris.peft_file_dict(self, "LoHa", layers, module_paths, model_info,
+                                       use_effective_conv2d=self.use_effective_conv2d, init_weights=self.init_weights)
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoHaConfig":
-        if data.get("modules_to_save"):
-            raise ConfigError("PEFT adapter uses modules_to_save, which lightning_lora does not support yet.")
-        if data.get("target_modules") is None:
-            raise ConfigError("PEFT config has no target_modules; set them to the module names, e.g. ['q_proj'].")
-        options = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "r", "alpha",
-                   "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights", "rank_pattern",
-                   "alpha_pattern")
-        return cls(**{k: data[k] for k in options if data.get(k) is not None})
+        return cls(**_lycoris.peft_options(data, ("use_effective_conv2d", "init_weights")))
 
 
 def conv_core(t: Tensor, w_a: Tensor, w_b: Tensor) -> Tensor:
@@ -138,18 +112,12 @@ class LoHaUpdate(WeightUpdate):
         """``out + scaling * ((w1_a w1_b) * (w2_a w2_b)) x``. On linear layers where rank r^2 is cheaper than the full
         weight, through the face-splitting identity ``(A1 B1) * (A2 B2) = (A1 . A2)(B1 . B2)`` (row-wise Kronecker of
         the A's, column-wise of the B's), so the d x k update is never built."""
-        if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
-            return out  # PEFT draws this before the rank mask, so one seed gives both the same masks
-        dtype = out.dtype
-        keep = None
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(self.weight_shape[0], device=out.device) > self.rank_dropout).to(dtype)
-            keep = keep / keep.mean().clamp_min(1e-12)
+        if _lycoris.skip_module(self):
+            return out
+        keep = _lycoris.rank_keep(self, out, rescale=True)
         if self.is_conv:
-            delta = self.delta_weight(layer).to(dtype)
-            if keep is not None:
-                delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
-            return out + layer.original_module._conv_forward(x.to(dtype), delta, None)
+            return _lycoris.conv_update(self, layer, x, out, keep)
+        dtype = out.dtype
         d_out, d_in = self.weight_shape
         r = self.r
         if r * r * (d_in + d_out) < d_in * d_out:

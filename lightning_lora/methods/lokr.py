@@ -9,7 +9,6 @@ LOKR ones, so an adapter file is PEFT's. w1 starts at zero (``init_weights="lyco
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Optional, Union
@@ -17,13 +16,11 @@ from typing import Any, ClassVar, Iterable, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..config import (ALL_LINEAR, AdapterConfig, ConfigError, _boolean, _got, _is_int, _pattern_map, _positive_int,
-                      _positive_real, _probability, exact_targets, register_config)
+from ..config import ALL_LINEAR, AdapterConfig, ConfigError, _boolean, _got, _is_int, register_config
 from ..targeting import pattern_value
+from . import _lycoris
 from .base import AdaptedLayer, WeightUpdate, base_kind
 from .lora import factory  # device and float32-over-half dtype of adapter tensors
-
-log = logging.getLogger(__name__)
 
 
 @register_config
@@ -55,10 +52,7 @@ class LoKrConfig(AdapterConfig):
         if self.target_modules is None:
             self.target_modules = ALL_LINEAR
         super().__post_init__()
-        self.r = _positive_int("r", self.r)
-        self.alpha = _positive_real("alpha", self.alpha)
-        self.rank_dropout = _probability("rank_dropout", self.rank_dropout)
-        self.module_dropout = _probability("module_dropout", self.module_dropout)
+        _lycoris.check_common(self)
         for flag in self.FLAGS:
             setattr(self, flag, _boolean(flag, getattr(self, flag)))
         if not _is_int(self.decompose_factor) or not (self.decompose_factor == -1 or self.decompose_factor >= 1):
@@ -67,35 +61,16 @@ class LoKrConfig(AdapterConfig):
         self.decompose_factor = int(self.decompose_factor)
         if not (isinstance(self.init_weights, bool) or self.init_weights == "lycoris"):
             raise ConfigError(f"init_weights must be True, False or 'lycoris', {_got(self.init_weights)}.")
-        self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, _positive_int)
-        self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, _positive_real)
 
     def file_dict(self, layers: Mapping[str, Any], module_paths: Iterable[str], model_info: Mapping[str, Any]) -> dict[str, Any]:
         """PEFT's ``adapter_config.json``: the exact adapted paths, per-path ranks/alphas that differ as patterns."""
-        targets, key = exact_targets(list(layers), module_paths)
-        conv1d = sorted(p for p, layer in layers.items() if layer.kind.fan_in_fan_out)
-        if conv1d:
-            log.warning("lightning_lora: PEFT's LoKr has no transformers Conv1D layers (%s, ...); this adapter file "
-                        "loads in lightning_lora only", conv1d[0])
-        updates = {path: next(iter(layer.adapters.values())) for path, layer in layers.items()}
-        return {"peft_type": self.PEFT_TYPE, **model_info, "r": self.r, "alpha": self.alpha,
-                "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-                **{flag: getattr(self, flag) for flag in self.FLAGS}, "decompose_factor": self.decompose_factor,
-                "init_weights": self.init_weights, "target_modules": targets, "exclude_modules": None,
-                "layers_to_transform": None, "layers_pattern": None, "modules_to_save": None, "inference_mode": True,
-                "rank_pattern": {key(p): u.r for p, u in sorted(updates.items()) if u.r != self.r},
-                "alpha_pattern": {key(p): u.alpha for p, u in sorted(updates.items()) if u.alpha != self.alpha}}
+        return _lycoris.peft_file_dict(self, "LoKr", layers, module_paths, model_info,
+                                       **{flag: getattr(self, flag) for flag in self.FLAGS},
+                                       decompose_factor=self.decompose_factor, init_weights=self.init_weights)
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> "LoKrConfig":
-        if data.get("modules_to_save"):
-            raise ConfigError("PEFT adapter uses modules_to_save, which lightning_lora does not support yet.")
-        if data.get("target_modules") is None:
-            raise ConfigError("PEFT config has no target_modules; set them to the module names, e.g. ['q_proj'].")
-        options = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "r", "alpha",
-                   "rank_dropout", "module_dropout", *cls.FLAGS, "decompose_factor", "init_weights", "rank_pattern",
-                   "alpha_pattern")
-        return cls(**{k: data[k] for k in options if data.get(k) is not None})
+        return cls(**_lycoris.peft_options(data, (*cls.FLAGS, "decompose_factor", "init_weights")))
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -166,19 +141,12 @@ class LoKrUpdate(WeightUpdate):
     def forward(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         """``out + scaling * kron(w1, w2) x``; on linear layers as ``w1 X w2^T`` with x viewed as X (c, d), which is
         ``kron(w1, w2) x`` without building the (a b) x (c d) matrix."""
-        if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
-            return out  # PEFT draws this before the rank mask, so one seed gives both the same masks
-        dtype = out.dtype
-        keep = None
-        if self.training and self.rank_dropout:
-            keep = (torch.rand(self.weight_shape[0], device=out.device) > self.rank_dropout).to(dtype)
-            if self.rank_dropout_scale:
-                keep = keep / keep.mean().clamp_min(1e-12)
+        if _lycoris.skip_module(self):
+            return out
+        keep = _lycoris.rank_keep(self, out, rescale=self.rank_dropout_scale)
         if self.is_conv:
-            delta = self.delta_weight(layer).to(dtype)
-            if keep is not None:
-                delta = delta * keep.view(-1, *[1] * (delta.dim() - 1))
-            return out + layer.original_module._conv_forward(x.to(dtype), delta, None)
+            return _lycoris.conv_update(self, layer, x, out, keep)
+        dtype = out.dtype
         w1, w2 = (w.to(dtype) for w in self.factors())
         grid = x.to(dtype).reshape(-1, w1.shape[1], w2.shape[1])
         update = (w1 @ grid @ w2.T).reshape(-1, self.weight_shape[0]) * self.scaling
