@@ -14,9 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft_oracle import PEFT_WARNINGS, logits
 from torch import Tensor, nn
-from update_checks import (CLI_TINY, LLAMA_LINEAR, assert_same_as_peft, check_fit_lowers_loss, check_merge_round_trip,
+from update_checks import (LLAMA_LINEAR, assert_same_as_peft, check_dropout_draws_peft_masks,
+                           check_fit_lowers_loss_and_exports_for_peft, check_merge_round_trip,
                            check_our_file_loads_in_peft, check_peft_file_loads_in_ours,
-                           check_resume_matches_uninterrupted_run, image_batch, make_convnet, peft_pair, token_batch)
+                           check_resume_matches_uninterrupted_run, cli_config, image_batch, make_convnet, peft_pair,
+                           token_batch)
 
 import lightning_lora as ll
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -92,15 +94,7 @@ def test_rank_and_module_dropout_draw_peft_masks() -> None:
     options = {"target_modules": ["q_proj", "down_proj"], "r": 2, "rank_dropout": 0.3, "module_dropout": 0.2,
                "rank_dropout_scale": True}
     _, ours, theirs = peft_pair(make_llama, "lokr", options, peft_config(options))
-    ours.train(), theirs.train()
-    x = token_batch()
-    with torch.no_grad():
-        outputs = []
-        for model, seed in ((ours, 3), (theirs, 3), (ours, 4)):
-            torch.manual_seed(seed)
-            outputs.append(logits(model, x))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
-    assert (outputs[0] - outputs[2]).abs().max() > 1e-4, "the masks should depend on the seed"
+    check_dropout_draws_peft_masks(ours, theirs)
 
 
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
@@ -115,12 +109,8 @@ def test_merge_then_unmerge_restores_the_weight(kind: str, d_in: int, d_out: int
 
 
 def test_fit_lowers_the_loss_and_exports_for_peft(tmp_path: Path) -> None:
-    module = check_fit_lowers_loss(tmp_path, method="lokr", r=2, alpha=8.0, target_modules=["q_proj", "v_proj"])
-    theirs = peft.PeftModel.from_pretrained(make_llama(), str(tmp_path / "export" / "adapter")).eval()
-    module.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(logits(theirs, token_batch()), logits(module.model, token_batch()),
-                                   rtol=1e-5, atol=1e-5)
+    check_fit_lowers_loss_and_exports_for_peft(tmp_path, method="lokr", r=2, alpha=8.0,
+                                               target_modules=["q_proj", "v_proj"])
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -143,13 +133,8 @@ def test_invalid_options_are_clear_errors(options: dict[str, Any], message: str)
 
 
 def test_command_line_options(tmp_path: Path) -> None:
-    from lightning_lora.cli import build_cli
-
-    cli = build_cli(["fit", *CLI_TINY, f"--trainer.default_root_dir={tmp_path}", "--lora.method=lokr", "--lora.r=2",
-                     "--lora.decompose_both=true", "--lora.decompose_factor=4", "--lora.rank_dropout_scale=true",
-                     "--lora.init_weights=lycoris", f"--lora.export_dir={tmp_path / 'export'}",
-                     "--lora.target_modules=[q_proj]"])
-    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
-    assert callback.config == AdapterConfig.create("lokr", r=2, decompose_both=True, decompose_factor=4,
-                                                   rank_dropout_scale=True, init_weights="lycoris",
-                                                   target_modules=["q_proj"])
+    config = cli_config(tmp_path, "--lora.method=lokr", "--lora.r=2", "--lora.decompose_both=true",
+                        "--lora.decompose_factor=4", "--lora.rank_dropout_scale=true", "--lora.init_weights=lycoris",
+                        f"--lora.export_dir={tmp_path / 'export'}", "--lora.target_modules=[q_proj]")
+    assert config == AdapterConfig.create("lokr", r=2, decompose_both=True, decompose_factor=4,
+                                          rank_dropout_scale=True, init_weights="lycoris", target_modules=["q_proj"])

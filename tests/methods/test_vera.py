@@ -16,10 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft_oracle import PEFT_WARNINGS, logits
 from safetensors import safe_open
-from torch import Tensor, nn
-from update_checks import (CLI_TINY, LLAMA_LINEAR, assert_same_as_peft, check_fit_lowers_loss, check_merge_round_trip,
-                           check_our_file_loads_in_peft, check_peft_file_loads_in_ours,
-                           check_resume_matches_uninterrupted_run, peft_pair, token_batch)
+from torch import nn
+from update_checks import (LLAMA_LINEAR, assert_same_as_peft, check_fit_lowers_loss_and_exports_for_peft,
+                           check_merge_round_trip, check_our_file_loads_in_peft, check_peft_file_loads_in_ours,
+                           check_refused_leaves_model_unchanged, check_resume_matches_uninterrupted_run, cli_config,
+                           peft_pair, token_batch)
 
 import lightning_lora as ll
 from lightning_lora.config import AdapterConfig, ConfigError
@@ -129,12 +130,8 @@ def test_merge_then_unmerge_restores_the_weight(kind: str, d_in: int, d_out: int
 
 
 def test_fit_lowers_the_loss_and_exports_for_peft(tmp_path: Path) -> None:
-    module = check_fit_lowers_loss(tmp_path, method="vera", r=16, target_modules=["q_proj", "v_proj", "down_proj"])
-    theirs = peft.PeftModel.from_pretrained(make_llama(), str(tmp_path / "export" / "adapter")).eval()
-    module.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(logits(theirs, token_batch()), logits(module.model, token_batch()),
-                                   rtol=1e-5, atol=1e-5)
+    check_fit_lowers_loss_and_exports_for_peft(tmp_path, method="vera", r=16,
+                                               target_modules=["q_proj", "v_proj", "down_proj"])
 
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
@@ -157,22 +154,15 @@ def test_invalid_options_are_clear_errors(options: dict[str, Any], message: str)
 
 
 def test_unsupported_target_leaves_the_model_unchanged() -> None:
-    model = make_llama()
-    before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ConfigError):
-        inject(model, AdapterConfig.create("vera", target_modules=["q_proj", "embed_tokens"], r=4))
-    assert {n: type(m) for n, m in model.named_modules()} == before and not adapters(model)
+    check_refused_leaves_model_unchanged(make_llama(), "vera", target_modules=["q_proj", "embed_tokens"], r=4)
 
 
 def test_command_line_options(tmp_path: Path) -> None:
-    from lightning_lora.cli import build_cli
-
-    cli = build_cli(["fit", *CLI_TINY, f"--trainer.default_root_dir={tmp_path}", "--lora.method=vera", "--lora.r=4",
-                     "--lora.d_initial=0.05", "--lora.projection_prng_key=7", "--lora.save_projection=false",
-                     f"--lora.export_dir={tmp_path / 'export'}", "--lora.target_modules=[q_proj]"])
-    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
-    assert callback.config == AdapterConfig.create("vera", r=4, d_initial=0.05, projection_prng_key=7,
-                                                   save_projection=False, target_modules=["q_proj"])
+    config = cli_config(tmp_path, "--lora.method=vera", "--lora.r=4", "--lora.d_initial=0.05",
+                        "--lora.projection_prng_key=7", "--lora.save_projection=false",
+                        f"--lora.export_dir={tmp_path / 'export'}", "--lora.target_modules=[q_proj]")
+    assert config == AdapterConfig.create("vera", r=4, d_initial=0.05, projection_prng_key=7, save_projection=False,
+                                          target_modules=["q_proj"])
 
 
 def test_two_named_adapters_keep_their_own_projections(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
+from conftest import make_llama
 from peft_oracle import logits, square_loss
 from pytorch_lightning.callbacks import ModelCheckpoint
 from tiny_modules import TinyLlamaModule, TokensDataModule, trainer
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import lightning_lora as ll
-from lightning_lora.config import AdapterConfig
+from lightning_lora.config import AdapterConfig, ConfigError
 from lightning_lora.io import file_tensors
 from lightning_lora.surgery import adapters, inject, merge, unmerge
 
@@ -106,14 +107,21 @@ def check_merge_round_trip(method: str, kind: str, d_in: int, d_out: int, seed: 
 
 
 # -- a real Trainer -----------------------------------------------------------------------------------------------
-def check_fit_lowers_loss(tmp_path: Path, **callback_options: Any) -> TinyLlamaModule:
+def check_fit_lowers_loss_and_exports_for_peft(tmp_path: Path, **callback_options: Any) -> None:
+    """Every batch's loss drops from epoch 1 to 2, and the exported adapter gives PEFT the trained outputs."""
+    import peft
+
     module = TinyLlamaModule()
     callback = ll.LoRACallback(export_dir=str(tmp_path / "export"), **callback_options)
     trainer(tmp_path, [callback], max_epochs=2).fit(module, TokensDataModule())
     first, second = module.losses[:8], module.losses[8:]  # the same 8 batches in each epoch (no shuffling)
     assert len(second) == 8 and all(b < a for a, b in zip(first, second)), module.losses
     assert (callback.adapter_dir / "adapter_model.safetensors").is_file()
-    return module
+    theirs = peft.PeftModel.from_pretrained(make_llama(), str(callback.adapter_dir)).eval()
+    module.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(theirs, token_batch()), logits(module.model, token_batch()),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def check_resume_matches_uninterrupted_run(tmp_path: Path, **callback_options: Any) -> None:
@@ -198,3 +206,39 @@ def check_our_file_loads_in_peft(tmp_path: Path, ours: nn.Module, make: Callable
         expected = logits(ours, x)
         torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits(again, x), expected, rtol=0, atol=0)
+
+
+def check_dropout_draws_peft_masks(ours: nn.Module, theirs: nn.Module) -> None:
+    """In training, one seed gives ours and PEFT the same rank/module dropout masks, another seed other masks; in
+    eval mode nothing is dropped."""
+    ours.train(), theirs.train()
+    x = token_batch()
+    with torch.no_grad():
+        outputs = []
+        for model, seed in ((ours, 3), (theirs, 3), (ours, 4), (ours, 3)):
+            torch.manual_seed(seed)
+            outputs.append(logits(model, x))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert (outputs[0] - outputs[2]).abs().max() > 1e-4, "the masks should depend on the seed"
+    ours.eval()
+    with torch.no_grad():
+        assert (logits(ours, x) - outputs[3]).abs().max() > 1e-4, "no dropout in eval mode"
+
+
+def check_refused_leaves_model_unchanged(model: nn.Module, method: str, **options: Any) -> None:
+    """Injecting with a target the method cannot adapt is a ConfigError, with no module swapped."""
+    import pytest
+
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ConfigError):
+        inject(model, AdapterConfig.create(method, **options))
+    assert {n: type(m) for n, m in model.named_modules()} == before and not adapters(model)
+
+
+def cli_config(tmp_path: Path, *args: str) -> AdapterConfig:
+    """The adapter config ``lightning-lora fit`` on the tiny model builds from the ``--lora.*`` arguments ``args``."""
+    from lightning_lora.cli import build_cli
+
+    cli = build_cli(["fit", *CLI_TINY, f"--trainer.default_root_dir={tmp_path}", *args])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, ll.LoRACallback)]
+    return callback.config
