@@ -154,3 +154,15 @@ def check_fit_lowers_loss(tmp_path: Path, module: TinyLlamaModule | None = None,
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"model.{k}" for k in adapter_state_dict(module.model)}
     return module
+
+
+def check_cli_fits_and_exports(tmp_path: Path, *lora_args: str) -> AdapterConfig:
+    """``lightning-lora fit`` for one step on the tiny model with the ``--lora.*`` arguments ``lora_args`` writes the
+    adapter export; returns the adapter config the command line built."""
+    from test_cli import lora_callbacks, run_cli
+
+    cli = run_cli([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", *lora_args,
+                   f"--lora.export_dir={tmp_path / 'export'}"])
+    (callback,) = lora_callbacks(cli)
+    assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    return callback.config

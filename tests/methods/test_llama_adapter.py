@@ -14,6 +14,7 @@ from conftest import make_gpt2, make_llama, make_plain
 from inserted_checks import (
     batch,
     check_bad_option,
+    check_cli_fits_and_exports,
     check_fit_lowers_loss,
     check_generate_uses_the_cache_correctly,
     check_round_trip_and_unload,
@@ -100,13 +101,9 @@ def test_fit_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_cli_options(tmp_path: Path) -> None:
-    from test_cli import lora_callbacks, run_cli
-
-    cli = run_cli([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--lora.method=llama_adapter",
-                   "--lora.adapter_len=3", "--lora.adapter_layers=1", f"--lora.export_dir={tmp_path / 'export'}"])
-    (callback,) = lora_callbacks(cli)
-    assert callback.config == AdapterConfig.create("llama_adapter", adapter_len=3, adapter_layers=1)
-    assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    config = check_cli_fits_and_exports(tmp_path, "--lora.method=llama_adapter", "--lora.adapter_len=3",
+                                        "--lora.adapter_layers=1")
+    assert config == AdapterConfig.create("llama_adapter", adapter_len=3, adapter_layers=1)
 
 
 @pytest.mark.parametrize("method,options", [("llama_adapter", {"adapter_len": 3}), ("prompt", {"num_virtual_tokens": 2})])

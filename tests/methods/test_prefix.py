@@ -13,6 +13,7 @@ from conftest import make_gpt2, make_llama
 from inserted_checks import (
     batch,
     check_bad_option,
+    check_cli_fits_and_exports,
     check_fit_lowers_loss,
     check_generate_uses_the_cache_correctly,
     check_round_trip_and_unload,
@@ -123,15 +124,9 @@ def test_fit_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_cli_options(tmp_path: Path) -> None:
-    from test_cli import lora_callbacks, run_cli
-
-    cli = run_cli([f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--lora.method=prefix",
-                   "--lora.num_virtual_tokens=2", "--lora.prefix_projection=true", "--lora.encoder_hidden_size=8",
-                   f"--lora.export_dir={tmp_path / 'export'}"])
-    (callback,) = lora_callbacks(cli)
-    assert callback.config == AdapterConfig.create("prefix", num_virtual_tokens=2, prefix_projection=True,
-                                                   encoder_hidden_size=8)
-    assert (tmp_path / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    config = check_cli_fits_and_exports(tmp_path, "--lora.method=prefix", "--lora.num_virtual_tokens=2",
+                                        "--lora.prefix_projection=true", "--lora.encoder_hidden_size=8")
+    assert config == AdapterConfig.create("prefix", num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8)
 
 
 def test_gradient_checkpointing_is_refused_not_ignored() -> None:
