@@ -1,6 +1,7 @@
-"""What LoHa and LoKr (the LyCORIS family, arXiv 2309.14859) share: their common options (``r``, ``alpha``,
-``rank_dropout``, ``module_dropout``, ``rank_pattern``/``alpha_pattern``), PEFT's ``adapter_config.json`` around
-each method's own fields, and the dropouts of the update (module dropout, then PEFT's rank dropout mask).
+"""What LoHa and LoKr (the LyCORIS family, arXiv 2309.14859) share: the layers they adapt, their common options
+(``r``, ``alpha``, ``rank_dropout``, ``module_dropout``, ``rank_pattern``/``alpha_pattern``), PEFT's
+``adapter_config.json`` around each method's own fields, and the dropouts of the update (module dropout, then PEFT's
+rank dropout mask).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ConfigError, _pattern_map, _positive_int, _positive_real, _probability, exact_targets
+from .base import base_kind
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ def peft_options(data: Mapping[str, Any], own: Iterable[str]) -> dict[str, Any]:
     if data.get("target_modules") is None:
         raise ConfigError("PEFT config has no target_modules; set them to the module names, e.g. ['q_proj'].")
     return {k: data[k] for k in (*COMMON_HEAD, *own, *COMMON_TAIL) if data.get(k) is not None}
+
+
+def supports_linear_or_conv(module: nn.Module) -> bool:
+    """Linear layers and 1-D/2-D convolutions, as in PEFT (plus GPT-2's ``Conv1D``, which PEFT's LoHa/LoKr lack)."""
+    kind = base_kind(module)
+    return kind is not None and (kind.family == "linear" or isinstance(module, (nn.Conv1d, nn.Conv2d)))
 
 
 def skip_module(update: Any) -> bool:

@@ -134,7 +134,4 @@ def build_loha(base_layer: nn.Module, config: LoHaConfig, path: str) -> LoHaUpda
     return LoHaUpdate(base_layer, config, r, pattern_value(config.alpha_pattern, path, config.alpha))
 
 
-def supports_loha(module: nn.Module) -> bool:
-    """Linear layers and 1-D/2-D convolutions, as in PEFT (plus GPT-2's ``Conv1D``, which PEFT's LoHa lacks)."""
-    kind = base_kind(module)
-    return kind is not None and (kind.family == "linear" or isinstance(module, (nn.Conv1d, nn.Conv2d)))
+supports_loha = _lycoris.supports_linear_or_conv

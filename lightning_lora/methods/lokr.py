@@ -158,7 +158,4 @@ def build_lokr(base_layer: nn.Module, config: LoKrConfig, path: str) -> LoKrUpda
     return LoKrUpdate(base_layer, config, r, pattern_value(config.alpha_pattern, path, config.alpha))
 
 
-def supports_lokr(module: nn.Module) -> bool:
-    """Linear layers and 1-D/2-D convolutions, as in PEFT (plus GPT-2's ``Conv1D``, which PEFT's LoKr lacks)."""
-    kind = base_kind(module)
-    return kind is not None and (kind.family == "linear" or isinstance(module, (nn.Conv1d, nn.Conv2d)))
+supports_lokr = _lycoris.supports_linear_or_conv
