@@ -89,14 +89,37 @@ def test_blocks_compile_once_per_mode_without_graph_breaks(model_name: str, meth
 
 
 def test_changing_sequence_length_recompiles_once() -> None:
-    """dynamic=None: the first change of a length compiles one dynamic graph, which serves every later length."""
+    """dynamic=None: the first change of a length compiles one dynamic graph, which serves every later length; the
+    same holds for the block frame and the model's compiled loss."""
     model = adapted("llama", "lora")
     backend = CountingBackend()
     compile_regions(model, CompilePolicy(enabled=True, backend=backend))
     for length in (9, 7, 5, 11, 6):
         model(**batch("llama", length)).loss.backward()
-    assert [n for _, n in backend.compiles] == [0, 1], backend.compiles
+    per_frame: dict[int, list[int]] = {}
+    for frame, n in backend.compiles:
+        per_frame.setdefault(frame, []).append(n)
+    assert list(per_frame.values()) == [[0, 1], [0, 1]], backend.compiles  # the blocks' frame and the loss's
     assert not counters["graph_break"]
+
+
+def test_the_models_loss_is_compiled_and_restored() -> None:
+    """A transformers model's loss (float32 upcast of the logits + cross-entropy, outside the blocks) is compiled with
+    them, so its float32 copies are fused away; the same loss values, and the user's own loss function comes back."""
+    model = adapted("llama", "lora")
+    inputs = batch("llama")
+    eager_loss = model(**inputs).loss.detach()
+    user_loss = model.loss_function
+    model.loss_function = user_loss  # a loss the user set stays theirs after restore
+    regions = compile_regions(model, CompilePolicy(enabled=True, backend="aot_eager"))
+    assert model.loss_function is not user_loss
+    torch.testing.assert_close(model(**inputs).loss, eager_loss)
+    regions.restore()
+    assert model.loss_function is user_loss
+    del model._loss_function
+    regions = compile_regions(model, CompilePolicy(enabled=True, backend="eager"))
+    regions.restore()
+    assert "_loss_function" not in model.__dict__ and model.loss_function is user_loss
 
 
 def test_use_cache_off_while_compiled_and_restored() -> None:

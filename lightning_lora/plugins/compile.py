@@ -20,6 +20,12 @@ What would still recompile, and what is done about it:
   ``{"dynamic": False}`` only then (each new length is a new graph, up to dynamo's recompile limit of 8).
 - Train and eval are two graphs (``training`` and grad mode are guarded), each compiled once.
 
+The loss: a transformers model computes its loss outside the blocks (``model.loss_function``: the logits upcast to
+float32, then cross-entropy). Eager, that keeps a float32 copy of the logits and their log-softmax for backward:
+for 4 x 2048 tokens and a 128k vocabulary, about 8 GiB, the largest share of the step's peak once the blocks are
+compiled. Where the model has a settable ``loss_function`` (``transformers.PreTrainedModel``), it is compiled too,
+which fuses the upcast into the cross-entropy's reduction; nothing else about the loss changes.
+
 The cache: Inductor's FX graph cache and AOTAutograd cache (on by default) live in a per-user temp directory that a
 fresh machine does not have. ``torch.compiler.save_cache_artifacts`` serializes what this process compiled (graphs,
 kernels, autotuning) into one file, which ``load_cache_artifacts`` puts back into those caches in the next process
@@ -137,11 +143,19 @@ class CompiledRegions:
     modules: list[nn.Module]
     use_cache: Optional[tuple[Any, bool]] = None  # (config, the user's value)
     input_grad_hook: Optional[torch.utils.hooks.RemovableHandle] = None
+    loss_owner: Optional[nn.Module] = None  # whose loss_function was compiled; its own value is in user_loss
+    user_loss: Optional[Callable] = None
     cache_saved: bool = False
 
     def restore(self) -> None:
         for module in self.modules:
             module._compiled_call_impl = None
+        if self.loss_owner is not None:
+            if self.user_loss is None:
+                del self.loss_owner._loss_function
+            else:
+                self.loss_owner.loss_function = self.user_loss
+            self.loss_owner, self.user_loss = None, None
         if self.use_cache is not None:
             config, value = self.use_cache
             config.use_cache = value
@@ -154,6 +168,12 @@ def _require_grad(module: nn.Module, args: Any, output: torch.Tensor) -> torch.T
     if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
         output.requires_grad_(True)
     return output
+
+
+def _has_settable_loss(model: nn.Module) -> bool:
+    """Whether ``model`` has transformers' ``loss_function`` property with a setter."""
+    attribute = getattr(type(model), "loss_function", None)
+    return isinstance(attribute, property) and attribute.fset is not None
 
 
 def compile_regions(model: nn.Module, policy: CompilePolicy, uniform_input_grad: bool = True) -> CompiledRegions:
@@ -171,6 +191,9 @@ def compile_regions(model: nn.Module, policy: CompilePolicy, uniform_input_grad:
         if getattr(module, "_compiled_call_impl", None) is None:
             module.compile(**kwargs)
             log.debug("lightning_lora: compiled %s", path or type(module).__name__)
+    if blocks[0][1] is not model and _has_settable_loss(model):
+        done.loss_owner, done.user_loss = model, model.__dict__.get("_loss_function")
+        model.loss_function = torch.compile(model.loss_function, **kwargs)
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None):
         done.use_cache = (config, config.use_cache)
