@@ -14,6 +14,8 @@ it into the model. Both return a ``MergeReport``, measured against the exact flo
 
 from __future__ import annotations
 
+import inspect
+
 import dataclasses
 import json
 import math
@@ -172,6 +174,30 @@ def _merged_weights(layers: dict[str, AdaptedLayer], target: str, originals: dic
         new_weights[path] = new
     return new_weights, MergeReport(target, len(layers), max_err, math.sqrt(err_sq / max(ref_sq, 1e-30)),
                                     math.sqrt(lost_sq / max(update_sq, 1e-30)), worst)
+
+
+def probe_from_batch(model: nn.Module, batch: Any) -> Any:
+    """The first example of a training batch as a probe for ``model`` (a tensor passed as its first argument, or a
+    dict of the tensors whose keys ``model.forward`` names), detached; None when the batch has another form. The
+    callback keeps one so that its fit-end merge report measures the output change too."""
+    if isinstance(batch, Tensor):
+        return batch[:1].detach().clone()
+    if isinstance(batch, Mapping):
+        named = inspect.signature(model.forward).parameters
+        probe = {k: v[:1].detach().clone() for k, v in batch.items()
+                 if isinstance(v, Tensor) and k in named and named[k].kind is not inspect.Parameter.VAR_KEYWORD}
+        return probe or None
+    return None
+
+
+def probe_error(model: nn.Module, probe: Any) -> Optional[str]:
+    """Why ``model`` cannot run ``probe`` (an exception's text), or None when it can."""
+    try:
+        with torch.no_grad():
+            _output(model, probe)
+    except Exception as err:  # noqa: BLE001 - any failure only means there is no probe measurement
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _output(model: nn.Module, probe: Any) -> Tensor:

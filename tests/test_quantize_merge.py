@@ -159,6 +159,10 @@ def test_callback_fit_end_export_requantized_and_original(tmp_path: Path, caplog
             trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2).fit(module, CountingTokens())
         assert callback.merge_report.target == target and callback.merge_report.layers == 14
         assert str(callback.merge_report) in caplog.text  # the fit-end message shows the report
+        # measured on the first training example: the output change of this merge, as the trained model computes it
+        probe = callback._probe
+        assert probe.shape[0] == 1 and callback.merge_report.logits_max_diff is not None
+        assert "probe output change" in str(callback.merge_report)
         module.model.eval()
         reference = module.model
         expected_state, _ = merged_quantized_state_dict(reference, target, original=tmp_path / "base", report=None)
@@ -171,3 +175,18 @@ def test_callback_fit_end_export_requantized_and_original(tmp_path: Path, caplog
             loaded = LlamaForCausalLM.from_pretrained(callback.merged_dir)
         for key, value in expected_state.items():
             torch.testing.assert_close(dequantize(loaded.state_dict()[key]), dequantize(value), rtol=0, atol=0)
+
+
+def test_probe_from_a_batch_keeps_what_the_model_takes() -> None:
+    """The callback's probe: the first example, only the keys the model's forward names; other batch forms give none,
+    and a probe the model cannot run alone is reported, not raised."""
+    from lightning_lora.quantize_merge import probe_error, probe_from_batch
+
+    model = make_llama()
+    ids = torch.randint(3, 60, (3, 8))
+    probe = probe_from_batch(model, {"input_ids": ids, "labels": ids, "task": ["a", "b", "c"], "extra": ids})
+    assert set(probe) == {"input_ids", "labels"} and probe["input_ids"].shape == (1, 8)
+    assert probe_from_batch(model, ids).shape == (1, 8)
+    assert probe_from_batch(model, (ids, ids)) is None
+    assert probe_error(model, probe) is None
+    assert "Error" in probe_error(model, torch.zeros(1, 8))  # float ids: the embedding refuses them

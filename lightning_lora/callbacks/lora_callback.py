@@ -45,7 +45,7 @@ from lightning_lora.methods.registry import method_spec
 from lightning_lora.plugins.compile import as_compile_policy, cache_path, compile_regions, load_cache, save_cache
 from lightning_lora.plugins.quantization import quantize_for_strategy
 from lightning_lora.quantize import as_quantize_config
-from lightning_lora.quantize_merge import MergeReport
+from lightning_lora.quantize_merge import MergeReport, probe_error, probe_from_batch
 from lightning_lora.sharded_export import drain, merged_tensors
 from lightning_lora.mixed import BASE, clear_batch_adapters, set_batch_adapters
 from lightning_lora.surgery import (
@@ -308,6 +308,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer: Optional[pl.Trainer] = None
         self._exported_step: Optional[int] = None
         self._resume_rng: Optional[dict[str, Any]] = None
+        self._probe: Any = None  # the first training example, for the fit-end merge report of a quantized base
         self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
         self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
         self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded after pruning
@@ -681,6 +682,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self._stepped and spec.after_step is not None:  # after the optimizer step, gradients not yet cleared
             spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
         self._stepped = False
+        if self._probe is None and self.quantize is not None and self.export_merged and not self._sharded:
+            self._probe = probe_from_batch(self.model, batch)
         if self._compiled is not None and not self._compiled.cache_saved and trainer.is_global_zero:
             self._compiled.cache_saved = save_cache(self._compile_cache)  # the training graphs, once they exist
         self._unroute_batch()
@@ -744,6 +747,19 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
         return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
 
+    def _probe_option(self) -> dict[str, Any]:
+        """``{"probe": <the first training example>}`` for the fit-end merge of a quantized base, so its report
+        measures the output change too; empty (with a warning that says why) when the model cannot run it alone."""
+        if self._probe is None:
+            return {}
+        error = probe_error(self.model, self._probe)
+        if error is not None:
+            rank_zero_warn(f"lightning_lora: the merge report has no output comparison: the adapted model cannot run the "
+                           f"first training example by itself ({error}). lightning_lora.export_merged(..., probe=batch) "
+                           "measures it for a batch you pass.")
+            return {}
+        return {"probe": self._probe}
+
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write ``adapter/`` and ``merged/`` as a pair; a failure (a full disk) raises after training, since the last
@@ -759,7 +775,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                         self.adapter_dir, self.merged_dir = export_final(
                             self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
                             report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
-                            merge_options=self.merge_options, merged_tensors=tensors)
+                            merge_options={**self.merge_options, **self._probe_option()}, merged_tensors=tensors)
                 finally:
                     drain(tensors)  # FSDP2: the other ranks' share of the per-tensor gathers
             if trainer.is_global_zero:
