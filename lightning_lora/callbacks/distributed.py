@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lightning_lora import distributed
+from lightning_lora.config import AdapterConfig, ConfigError
 
+_UNSUPPORTED = {
+    "FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors would share flat "
+                    "parameters",
+    "DeepSpeedStrategy": "ZeRO partitions the adapter too, and its checkpoints and exports would need "
+                         "GatheredParameters (untested: Lightning's DeepSpeed runs on CUDA only)",
+}
 _METHODS = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
 FSDP2_METHODS = ("lora", "dora")  # tested under FSDP2 against one process (tests/test_fsdp.py); others are refused
 
@@ -84,3 +91,54 @@ def tensor_parallel_size(strategy: Any) -> int:
     """The tensor-parallel size a ``ModelParallelStrategy`` will use (``"auto"`` is the number of local devices)."""
     size = getattr(strategy, "_tensor_parallel_size", 1)
     return strategy.num_processes if size == "auto" else int(size)
+
+
+def check_strategy(unsupported: Optional[str]) -> None:
+    """Refuse the strategy ``_lightning.unsupported_strategy`` named (FSDP1, DeepSpeed), saying why and what to use."""
+    if unsupported is not None:
+        raise ConfigError(
+            f"LoRACallback does not support {unsupported} yet ({_UNSUPPORTED[unsupported]}). Use strategy='ddp' "
+            "(adapters are small, so plain data parallelism fits wherever the base model fits on one device), or, to "
+            "shard the base, ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 "
+            "applied in configure_model (lightning_lora.distributed.shard_model)."
+        )
+
+
+def check_fsdp2(strategy: Any, world_size: int, precision: str, configs: dict[str, AdapterConfig], named: bool,
+                merge_options: dict[str, Any], quantize: Any) -> None:
+    """Refuse, before anything is injected, what the callback does not support under ``ModelParallelStrategy``:
+    tensor parallelism, untested methods or several named adapters (``configs``, ``named``), a merge target other than
+    dequantized, a true-half cast of a quantized base, and packed int4."""
+    tp = tensor_parallel_size(strategy)
+    if tp != 1:
+        raise ConfigError(
+            f"LoRACallback supports ModelParallelStrategy as FSDP2 data parallelism only, and this one has "
+            f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={world_size}, "
+            "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
+        )
+    methods = sorted({c.method for c in configs.values()})
+    untested = [m for m in methods if m not in FSDP2_METHODS] + (["several named adapters"] if named else [])
+    if untested:
+        raise ConfigError(
+            f"LoRACallback under ModelParallelStrategy (FSDP2) supports {', '.join(FSDP2_METHODS)} with one "
+            f"adapter (what is tested against one process); not {', '.join(untested)} yet. Train it with "
+            "strategy='ddp' instead."
+        )
+    if merge_options.get("merge_target", "dequantized") != "dequantized":
+        raise ConfigError(
+            f"LoRACallback(merge_target={merge_options['merge_target']!r}) is not available under "
+            "ModelParallelStrategy: the sharded merged export writes the 'dequantized' target (dequant(Wq) + dW, "
+            "one gathered weight at a time). Drop merge_target, or merge the saved adapter on one device with "
+            "lightning_lora.quantize_merge."
+        )
+    if quantize is not None and precision in ("bf16-true", "16-true"):
+        raise ConfigError(
+            f"LoRACallback(quantize=...) under ModelParallelStrategy with precision={precision!r}: the cast of the "
+            "sharded model would dequantize the base. Use precision='bf16-mixed' (or '32-true' with "
+            "shard_model(..., mp_policy=MixedPrecisionPolicy(...)))."
+        )
+    if getattr(quantize, "format", None) == "int4" and quantize.packing in ("auto", "packed"):
+        raise ConfigError(  # lightning_lora.int4.PackedInt4Tensor has no split/all-gather for FSDP2 to shard it
+            "LoRACallback(quantize=int4) under ModelParallelStrategy: the packed int4 layout cannot be sharded yet. "
+            "Use quantize='nf4' (FSDP2 shards torchao's NF4), or strategy='ddp'."
+        )

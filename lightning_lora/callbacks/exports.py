@@ -20,20 +20,43 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from torch import Tensor, nn
 
+from lightning_lora import distributed
 from lightning_lora.atomic import ExportError, check_export_target, export_directory, fsync_path, recover_export
 from lightning_lora.atomic import _exchange  # renameat2(RENAME_EXCHANGE) where the kernel has it
 from lightning_lora.export import export_merged
 from lightning_lora.io import save_adapter
 from lightning_lora.quantize_merge import MergeReport
-from lightning_lora.sharded_export import write_merged
+from lightning_lora.sharded_export import drain, merged_tensors, write_merged
 
 JOURNAL = ".lightning_lora-final"
 STEP_KIND = "checkpoint export"
 _LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-[0-9a-f]+$")
+
+
+def tokenizer_of(module: Any) -> Any:
+    """``module.tokenizer`` if it can ``save_pretrained`` (so the merged export is a standalone model), else None."""
+    tokenizer = getattr(module, "tokenizer", None)
+    return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
+
+
+@contextlib.contextmanager
+def gathered_export(model: nn.Module, sharded: bool, merged: bool) -> Iterator[Optional[Iterable[tuple[str, Tensor]]]]:
+    """Collective, on every rank: under FSDP2 (``sharded``) gather the adapter tensors (only those) and yield the
+    ``merged_tensors`` iterator rank zero writes a merged export from (``merged``), run to its end on leaving so every
+    rank finishes its gathers; otherwise yield None."""
+    if not sharded:
+        yield None
+        return
+    with distributed.gathered_adapters(model):
+        tensors = merged_tensors(model) if merged else None
+        try:
+            yield tensors
+        finally:
+            drain(tensors)  # the other ranks' share of the per-tensor gathers, and whatever rank zero left
 
 
 def _write(model: nn.Module, directory: Path, merged: bool, tokenizer: Any,

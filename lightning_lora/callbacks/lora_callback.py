@@ -14,10 +14,7 @@ draws the next epoch's order differently after a mid-epoch restore (torchdata al
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -35,33 +32,38 @@ from lightning_lora.callbacks._lightning import (
 )
 from lightning_lora.callbacks import distributed as fsdp2
 from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
-from lightning_lora.callbacks.exports import export_final, export_step, finish_final
+from lightning_lora.callbacks.exports import (
+    export_final,
+    export_step,
+    finish_final,
+    gathered_export,
+    tokenizer_of,
+)
+from lightning_lora.callbacks.hooks import unwrap, wrap_once
 from lightning_lora.callbacks.loraplus import apply_loraplus
+from lightning_lora.callbacks.named import inject_named, named_configs, route_batch
+from lightning_lora.callbacks.options import differences as option_changes, merge_options
+from lightning_lora.callbacks.resume import check_identity, check_state, rng_state, set_rng_state
 from lightning_lora import distributed
-from lightning_lora.config import ALL_LINEAR, AdapterConfig, ConfigError, method_option_names
-from lightning_lora.fingerprint import base_fingerprint, compare_fingerprints
+from lightning_lora.config import AdapterConfig, ConfigError, method_option_names
+from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.io import find_hf_model
 from lightning_lora.methods.registry import method_spec
 from lightning_lora.plugins.compile import as_compile_policy, cache_path, compile_regions, load_cache, save_cache
 from lightning_lora.plugins.quantization import quantize_for_strategy
 from lightning_lora.quantize import as_quantize_config
 from lightning_lora.quantize_merge import MergeReport, probe_error, probe_from_batch
-from lightning_lora.sharded_export import drain, merged_tensors
-from lightning_lora.mixed import BASE, clear_batch_adapters, set_batch_adapters
+from lightning_lora.mixed import clear_batch_adapters
 from lightning_lora.surgery import (
     adapter_names,
     adapter_parameters,
     adapters,
-    attach,
     enable_input_grads_for_checkpointing,
     freeze_base,
     inject,
     injected_config,
     parameter_counts,
-    prepare,
-    set_active_adapters,
 )
-from lightning_lora.targeting import _matches, layer_index  # PEFT's matching rules
 
 if TYPE_CHECKING:  # either package's classes; annotations only
     import pytorch_lightning as pl
@@ -278,7 +280,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         given = locals()
         options = {name: given[name] for name in method_option_names() if given.get(name) is not None}
         self.config = AdapterConfig.create(method, **options)
-        self.named_configs = _named_configs(adapters, options)  # name -> config, for several named adapters
+        self.named_configs = named_configs(adapters, options)  # name -> config, for several named adapters
         if self.named_configs:
             self.config = next(iter(self.named_configs.values()))
         self.adapter_key = adapter_key
@@ -294,7 +296,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.export_on_checkpoint = export_on_checkpoint
         self.seed = seed
         self.quantize = as_quantize_config(quantize)
-        self.merge_options = _merge_options(merge_target, original_weights, self.quantize, self.export_merged)
+        self.merge_options = merge_options(merge_target, original_weights, self.quantize, self.export_merged)
         self.compile_policy = as_compile_policy(compile)
         self._compiled: Optional[Any] = None  # plugins.compile.CompiledRegions while the blocks are compiled
         self._compile_cache: Optional[Path] = None
@@ -330,31 +332,20 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     # -- injection ---------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = unsupported_strategy(trainer.strategy)
-        if strategy is not None:
-            why = {"FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors "
-                                   "would share flat parameters",
-                   "DeepSpeedStrategy": "ZeRO partitions the adapter too, and its checkpoints and exports would need "
-                                        "GatheredParameters (untested: Lightning's DeepSpeed runs on CUDA only)"}
-            raise ConfigError(
-                f"LoRACallback does not support {strategy} yet ({why[strategy]}). Use strategy='ddp' (adapters are "
-                "small, so plain data parallelism fits wherever the base model fits on one device), or, to shard the "
-                "base, ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 applied "
-                "in configure_model (lightning_lora.distributed.shard_model)."
-            )
+        fsdp2.check_strategy(unsupported_strategy(trainer.strategy))
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
         if self._sharded:
             self._setup_fsdp2(trainer, pl_module)
         elif is_overridden("configure_model", pl_module):
-            _wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
+            wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
-        _wrap_once(pl_module, "on_load_checkpoint", before=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint))
+        wrap_once(pl_module, "on_load_checkpoint", before=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint))
         # A true-half precision ("bf16-true", "16-true") casts the whole module in strategy.setup, after this hook and
         # before the optimizers exist: right after that cast is where adapters go back to float32 (and the base is
         # quantized, on its device).
-        _wrap_once(trainer.precision_plugin, "convert_module", after=self._after_precision_cast)
+        wrap_once(trainer.precision_plugin, "convert_module", after=self._after_precision_cast)
         io = trainer.strategy.checkpoint_io
         if isinstance(io, AdapterCheckpointIO):  # left by an earlier fit of this Trainer
             io = io.checkpoint_io
@@ -365,41 +356,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _setup_fsdp2(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Under ModelParallelStrategy the user's configure_model shards the model, so the adapters go in now, before
         it (every rank then shards the adapted tree), and checkpoints become adapter-only (callbacks/distributed.py)."""
-        tp = fsdp2.tensor_parallel_size(trainer.strategy)
-        if tp != 1:
-            raise ConfigError(
-                f"LoRACallback supports ModelParallelStrategy as FSDP2 data parallelism only, and this one has "
-                f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={trainer.world_size}, "
-                "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
-            )
-        methods = sorted({c.method for c in (self.named_configs or {"": self.config}).values()})
-        untested = [m for m in methods if m not in fsdp2.FSDP2_METHODS] + (["several named adapters"]
-                                                                          if self.named_configs else [])
-        if untested:
-            raise ConfigError(
-                f"LoRACallback under ModelParallelStrategy (FSDP2) supports {', '.join(fsdp2.FSDP2_METHODS)} with one "
-                f"adapter (what is tested against one process); not {', '.join(untested)} yet. Train it with "
-                "strategy='ddp' instead."
-            )
-        if self.merge_options.get("merge_target", "dequantized") != "dequantized":
-            raise ConfigError(
-                f"LoRACallback(merge_target={self.merge_options['merge_target']!r}) is not available under "
-                "ModelParallelStrategy: the sharded merged export writes the 'dequantized' target (dequant(Wq) + dW, "
-                "one gathered weight at a time). Drop merge_target, or merge the saved adapter on one device with "
-                "lightning_lora.quantize_merge."
-            )
-        precision = str(getattr(trainer.precision_plugin, "precision", ""))
-        if self.quantize is not None and precision in ("bf16-true", "16-true"):
-            raise ConfigError(
-                f"LoRACallback(quantize=...) under ModelParallelStrategy with precision={precision!r}: the cast of the "
-                "sharded model would dequantize the base. Use precision='bf16-mixed' (or '32-true' with "
-                "shard_model(..., mp_policy=MixedPrecisionPolicy(...)))."
-            )
-        if getattr(self.quantize, "format", None) == "int4" and self.quantize.packing in ("auto", "packed"):
-            raise ConfigError(  # lightning_lora.int4.PackedInt4Tensor has no split/all-gather for FSDP2 to shard it
-                "LoRACallback(quantize=int4) under ModelParallelStrategy: the packed int4 layout cannot be sharded yet. "
-                "Use quantize='nf4' (FSDP2 shards torchao's NF4), or strategy='ddp'."
-            )
+        fsdp2.check_fsdp2(trainer.strategy, trainer.world_size, str(getattr(trainer.precision_plugin, "precision", "")),
+                          self.named_configs or {"": self.config}, bool(self.named_configs), self.merge_options,
+                          self.quantize)
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
@@ -480,13 +439,13 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         existing = injected_config(root, method) if joins and method in adapter_names(root) else injected_config(root)
         seed = self.seed if self.seed is not None else torch.initial_seed()
         if existing is None and self.named_configs:
-            targets = _inject_named(root, self.named_configs, seed)
+            targets = inject_named(root, self.named_configs, seed)
         elif existing is None:
             targets = inject(root, self.config, seed=seed)
         elif joins and method not in adapter_names(root):
             targets = inject(root, self.config, seed=seed, name=method)
         else:  # a second fit/test in the same process, or an adapter loaded by the user: train what is there
-            differences = _differences(root, existing, self.config) if not self.named_configs else [
+            differences = option_changes(root, existing, self.config) if not self.named_configs else [
                 f"adapters: {adapter_names(root)} in the model vs {list(self.named_configs)} in the callback"
             ] if adapter_names(root) != list(self.named_configs) else []
             if differences:
@@ -558,9 +517,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         fsdp2.remove_adapter_checkpoints(trainer.strategy)
         self._optimizers_pruned = False  # a next fit builds new optimizers
-        for hook in ("configure_model", "on_load_checkpoint"):
-            pl_module.__dict__.pop(hook, None)
-        trainer.precision_plugin.__dict__.pop("convert_module", None)
+        unwrap(pl_module, "configure_model", "on_load_checkpoint")
+        unwrap(trainer.precision_plugin, "convert_module")
         if self._compiled is not None:  # the model leaves fit eager again, with the user's use_cache (for generate)
             self._compiled.restore()
             self._compiled = None
@@ -590,7 +548,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {**self._identity(), "rng": _rng_state()}
+        checkpoint[CHECKPOINT_KEY] = {**self._identity(), "rng": rng_state()}
         self._prepare_checkpoint(checkpoint)
 
     def _after_save(self) -> None:
@@ -602,13 +560,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """FSDP2: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
         trainer = self._trainer
         if self.export_on_checkpoint and trainer is not None and self._exported_step != trainer.global_step:
-            with distributed.gathered_adapters(self.model):
-                tensors = merged_tensors(self.model) if self.export_merged else None
-                try:
-                    if trainer.is_global_zero:
-                        self._export_step(tensors)
-                finally:
-                    drain(tensors)  # the other ranks' share of the per-tensor gathers, and whatever rank zero left
+            with gathered_export(self.model, True, self.export_merged) as tensors:
+                if trainer.is_global_zero:
+                    self._export_step(tensors)
             self._exported_step = trainer.global_step  # on every rank: each decides alike whether to gather
 
     def _export_step(self, tensors: Optional[Any] = None) -> None:
@@ -628,32 +582,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Runs just before Lightning loads the checkpoint's state dict (non-strictly, since the frozen base is not in
         it): refuse a checkpoint of another adapter or base, and any mismatch beyond the missing base tensors, while
         the model is still untouched."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is not None:
-            differences = _option_differences(saved["config"], self.config.to_dict(), "the checkpoint")
-            if differences:
-                raise ConfigError(
-                    f"The checkpoint's adapter was trained with other options than this LoRACallback's "
-                    f"({'; '.join(differences)}); resume with the checkpoint's options."
-                )
-            mismatch = compare_fingerprints(saved["base_fingerprint"], self._fingerprint)
-            if mismatch is not None:
-                raise ConfigError(
-                    f"The checkpoint's adapter was trained on a different base model: {mismatch}. Load the base it "
-                    "was trained on."
-                )
-        model_state = pl_module.state_dict()
-        saved_state = checkpoint["state_dict"]
-        missing = sorted(set(model_state) - set(saved_state) - self._frozen_keys())
-        unexpected = sorted(set(saved_state) - set(model_state))
-        reshaped = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(model_state[k].shape)}"
-                    for k, v in saved_state.items() if k in model_state and v.shape != model_state[k].shape]
-        if reshaped or (self._user_strict_loading is not False and (missing or unexpected)):
-            raise ConfigError(
-                f"Checkpoint does not match the adapted model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, other shapes {reshaped[:3]}. "
-                "Was it written with other adapter options or another model?"
-            )
+        check_identity(checkpoint.get(CHECKPOINT_KEY), self.config.to_dict(), self._fingerprint)
+        check_state(pl_module.state_dict(), checkpoint["state_dict"], self._frozen_keys(),
+                    strict=self._user_strict_loading is not False)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -663,7 +594,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             # uninterrupted one. Restored here, before the fit loop creates its DataLoader iterator (which draws a
             # seed), the draws match an uninterrupted run resumed at an epoch boundary; a run resumed mid-epoch has
             # drawn that seed long before, so there the state is set again just before the first batch.
-            _set_rng_state(saved["rng"])
+            set_rng_state(saved["rng"])
             self._resume_rng = saved["rng"]
 
     @override
@@ -672,7 +603,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._route_batch(batch)
         if self._resume_rng is not None:
             if batch_idx > 0:  # resumed mid-epoch
-                _set_rng_state(self._resume_rng)
+                set_rng_state(self._resume_rng)
             self._resume_rng = None
 
     @override
@@ -690,17 +621,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _route_batch(self, batch: Any) -> None:
         """With ``adapter_key``: each example of ``batch`` runs its own adapter (``mixed.set_batch_adapters``)."""
-        if self.adapter_key is None or self._root is None:
-            return
-        if not isinstance(batch, dict) or self.adapter_key not in batch:
-            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise ConfigError(
-                f"adapter_key={self.adapter_key!r}, but the batch has no such key (it holds {keys}); return dict "
-                f"batches with one adapter name per example under {self.adapter_key!r} (\"__base__\" for none), or "
-                "unset adapter_key."
-            )
-        names = batch[self.adapter_key]
-        set_batch_adapters(self._root, [None if n in ("", BASE) else n for n in names])
+        route_batch(self._root, self.adapter_key, batch)
 
     def _unroute_batch(self) -> None:
         if self.adapter_key is not None and self._root is not None:
@@ -740,12 +661,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _export_root(self, trainer: pl.Trainer) -> Path:
         if self.export_dir is not None:
             return Path(self.export_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "lightning_lora"
+        return Path(trainer.log_dir or trainer.default_root_dir) / "lightning_lora"  # log_dir broadcasts: only if needed
 
     @staticmethod
     def _tokenizer(trainer: pl.Trainer) -> Any:
-        tokenizer = getattr(trainer.lightning_module, "tokenizer", None)
-        return tokenizer if callable(getattr(tokenizer, "save_pretrained", None)) else None
+        return tokenizer_of(trainer.lightning_module)
 
     def _probe_option(self) -> dict[str, Any]:
         """``{"probe": <the first training example>}`` for the fit-end merge of a quantized base, so its report
@@ -764,20 +684,16 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write ``adapter/`` and ``merged/`` as a pair; a failure (a full disk) raises after training, since the last
         checkpoint holds the adapter, and leaves the previous pair in place."""
-        gathered = distributed.gathered_adapters(self.model) if self._sharded else contextlib.nullcontext()
         try:
             if trainer.is_global_zero and self._compiled is not None:
                 save_cache(self._compile_cache)  # now with the validation graphs too
-            with gathered:  # FSDP2: every rank gathers the adapter tensors (only those), rank zero writes them
-                tensors = merged_tensors(self.model) if self._sharded and self.export_merged else None
-                try:
-                    if trainer.is_global_zero:
-                        self.adapter_dir, self.merged_dir = export_final(
-                            self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
-                            report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
-                            merge_options={**self.merge_options, **self._probe_option()}, merged_tensors=tensors)
-                finally:
-                    drain(tensors)  # FSDP2: the other ranks' share of the per-tensor gathers
+            # FSDP2: every rank gathers the adapter tensors (only those), rank zero writes them
+            with gathered_export(self.model, self._sharded, self.export_merged) as tensors:
+                if trainer.is_global_zero:
+                    self.adapter_dir, self.merged_dir = export_final(
+                        self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),
+                        report=lambda report: setattr(self, "merge_report", report), fingerprint=self._fingerprint,
+                        merge_options={**self.merge_options, **self._probe_option()}, merged_tensors=tensors)
             if trainer.is_global_zero:
                 rank_zero_info(f"lightning_lora: adapter written to {self.adapter_dir}"
                                + (f", merged model to {self.merged_dir}" if self.merged_dir else "")
@@ -790,130 +706,3 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         finally:
             trainer.strategy.barrier("lightning_lora_export")
 
-
-def _merge_options(target: Optional[str], original: Optional[str], quantize: Any, export: bool) -> dict[str, Any]:
-    """``export_merged``'s merge options, checked before training starts."""
-    from lightning_lora.quantize_merge import MERGE_TARGETS
-
-    if target is None and original is None:
-        return {}
-    if target not in (None, *MERGE_TARGETS):
-        raise ConfigError(f"LoRACallback(merge_target={target!r}): use one of {MERGE_TARGETS}.")
-    if quantize is None or not export:
-        raise ConfigError("LoRACallback(merge_target=..., original_weights=...) choose what the merged export of a "
-                          "quantized base holds: set quantize= (and keep export_merged on), or drop them.")
-    if (target == "original") != (original is not None):
-        raise ConfigError("LoRACallback: merge_target='original' and original_weights=<path to the full-precision "
-                          "weights (.safetensors file or save_pretrained directory)> go together.")
-    if original is not None and not Path(original).exists():
-        raise ConfigError(f"LoRACallback(original_weights={original!r}): no such file or directory.")
-    return {"merge_target": target or "dequantized", **({"original": original} if original is not None else {})}
-
-
-_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
-
-
-def _named_configs(named: Any, options: dict[str, Any]) -> dict[str, AdapterConfig]:
-    """``adapters=`` as configs by name, each checked now (a bad option names its adapter)."""
-    if named is None:
-        return {}
-    if not isinstance(named, dict) or not named:
-        raise ConfigError(f"adapters must be a dict of adapter name to options, e.g. {{'task_a': {{'method': 'lora', "
-                          f"'r': 8}}, 'task_b': {{'method': 'dora', 'r': 4}}}}, got {named!r}.")
-    if options:
-        raise ConfigError(f"With adapters=, give method options per adapter inside it; {', '.join(sorted(options))} "
-                          "was given beside it (move it into each adapter's options).")
-    configs = {}
-    for name, opts in named.items():
-        if not isinstance(name, str) or not name or "." in name or "/" in name:
-            raise ConfigError(f"adapters: {name!r} is no usable adapter name; use a string without '.' or '/'.")
-        if not isinstance(opts, dict):
-            raise ConfigError(f"adapters[{name!r}] must be a dict of options such as {{'method': 'lora', 'r': 8}}, "
-                              f"got {opts!r}.")
-        opts = dict(opts)
-        try:
-            configs[name] = AdapterConfig.create(opts.pop("method", "lora"), **opts)
-        except ConfigError as err:
-            raise ConfigError(f"adapters[{name!r}]: {err}") from None
-    return configs
-
-
-def _inject_named(root: nn.Module, configs: dict[str, AdapterConfig], seed: int) -> list[str]:
-    """Every named adapter, all built before any is attached (all or nothing), all active."""
-    prepared = [(name, prepare(root, config, seed + i, name)) for i, (name, config) in enumerate(configs.items())]
-    targets: dict[str, None] = {}
-    for name, updates in prepared:
-        targets.update(dict.fromkeys(attach(root, updates, name)))
-    set_active_adapters(root, list(configs))
-    return list(targets)
-
-
-def _differences(root: nn.Module, have: AdapterConfig, want: AdapterConfig) -> list[str]:
-    """The options in which the model's adapter (``have``) differs from the callback's (``want``), as
-    ``option: value in the model vs value in the callback``. Targeting options count only if ``want`` would pick
-    other modules than the adapted ones: a loaded adapter records the exact paths it adapts, not the spec."""
-    h, w = have.to_dict(), want.to_dict()
-    if any(h.get(k) != w.get(k) for k in _TARGETING) and _picks_exactly(root, want, sorted(adapters(root))):
-        h.update({k: w.get(k) for k in _TARGETING})
-    return _option_differences(h, w, "the model")
-
-
-def _option_differences(have: dict[str, Any], want: dict[str, Any], where: str) -> list[str]:
-    """``option: value in <where> vs value in the callback`` for each option whose values differ."""
-    return [f"{k}: {have.get(k)!r} in {where} vs {want.get(k)!r} in the callback"
-            for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
-
-
-def _picks_exactly(root: nn.Module, config: AdapterConfig, adapted: list[str]) -> bool:
-    """Whether ``config``'s target list or regex picks exactly the ``adapted`` module paths of ``root`` (PEFT's
-    matching rules; ``all-linear`` is not resolved here and counts as a difference)."""
-    spec = config.target_modules
-    if spec is None or spec == ALL_LINEAR:
-        return False
-    layers = config.layers_to_transform
-    layers = None if layers is None else ([layers] if isinstance(layers, int) else list(layers))
-
-    def picked(path: str) -> bool:
-        return (_matches(spec, path) and not _matches(config.exclude_modules, path)
-                and (layers is None or layer_index(path, config.layers_pattern) in layers))
-
-    inside = tuple(f"{path}." for path in adapted)  # the adapted layers' own submodules (base layer, adapter weights)
-    others = [path for path, _ in root.named_modules() if path and path not in adapted and not path.startswith(inside)]
-    names_used = not isinstance(spec, list) or all(any(_matches([n], p) for p in adapted) for n in spec)
-    return all(picked(p) for p in adapted) and not any(picked(p) for p in others) and names_used
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _wrap_once(owner: Any, hook: str, before: Any = None, after: Any = None) -> None:
-    """Run ``before``/``after`` around the next call of ``owner.<hook>`` only (a LightningModule or precision plugin).
-
-    No callback hook runs between ``configure_model`` and the checkpoint restore, before the restored state dict is
-    loaded, nor between the precision plugin's module cast and the optimizers; this bridges those gaps through the
-    instance (never the class), and the wrap removes itself after one call (``teardown`` removes it if it never ran).
-    """
-    original = getattr(owner, hook)
-
-    @functools.wraps(original)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        owner.__dict__.pop(hook, None)
-        if before is not None:
-            before(*args, **kwargs)
-        result = original(*args, **kwargs)
-        if after is not None:
-            after()
-        return result
-
-    owner.__dict__[hook] = wrapped
