@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory
-from .methods.base import InsertedAdapter, MergeError
+from .methods.base import MergeError
+from .methods.inserted import InsertedAdapter
 from .quantize import quantized_layers
 from .quantize_io import QUANTIZED_WEIGHTS, save_quantized
 from .quantize_merge import (

@@ -382,7 +382,7 @@ def _quantizable_layers(model: nn.Module, config: QuantizeConfig) -> dict[str, A
 
 def _frozen_linears(model: nn.Module, config: QuantizeConfig, owners: dict[int, list[str]]) -> dict[str, nn.Linear]:
     """For ``modules="all-linear"``: the frozen ``nn.Linear`` layers without an adapter, checked like adapted ones."""
-    from .methods.base import InsertedAdapter
+    from .methods.inserted import InsertedAdapter
 
     output = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
     inside = tuple(f"{p}." for p, m in model.named_modules() if isinstance(m, (AdaptedLayer, InsertedAdapter)))

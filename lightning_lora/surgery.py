@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import DEFAULT_ADAPTER, AdapterConfig, ConfigError, as_adapter_config
-from .methods.base import LINEAR_TYPES, AdaptedLayer, InsertedAdapter, MergeError, WeightUpdate
+from .methods.base import LINEAR_TYPES, AdaptedLayer, MergeError, WeightUpdate
+from .methods.inserted import InsertedAdapter
 from .methods.registry import method_spec
 from .targeting import resolve_targets
 

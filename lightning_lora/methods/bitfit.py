@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, ConfigError, register_config
-from .base import InsertedAdapter
+from .inserted import InsertedAdapter
 
 # modules whose bias is per channel on dim 1 (N, C, ...); every other bias is on the last dim (..., features)
 CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import BottleneckConfig, ConfigError
-from .base import LINEAR_TYPES, Conv1D, InsertedAdapter
+from .base import LINEAR_TYPES, Conv1D
+from .inserted import InsertedAdapter
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
 

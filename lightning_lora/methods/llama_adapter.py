@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, ConfigError, _got, _positive_int, register_config
-from .base import InsertedAdapter
+from .inserted import InsertedAdapter
 
 ATTENTION_NAMES = ("self_attn", "attn")  # Llama/Mistral/Qwen, GPT-2: where PEFT's TRANSFORMERS_MODEL_CONFIG looks
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, ConfigError, _got, _positive_int, register_config
-from .base import InsertedAdapter, keyword_arguments, refuse_targets
+from .inserted import InsertedAdapter, keyword_arguments, refuse_targets
 
 
 @register_config

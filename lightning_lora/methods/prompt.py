@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, ConfigError, _got, _positive_int, register_config
-from .base import InsertedAdapter, keyword_arguments, refuse_targets
+from .inserted import InsertedAdapter, keyword_arguments, refuse_targets
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 

@@ -8,7 +8,8 @@ from . import boft, bone, hra, oft
 from . import loha, lokr, vera  # additive low-rank family (hada)
 from . import adalora
 from . import bitfit, llama_adapter, prefix, prompt, xlora  # inserted family (issue 11)
-from .base import MethodSpec, whole_model
+from .base import MethodSpec
+from .inserted import whole_model
 
 METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec("lora", lora.build_lora, lora.supports_lora, mergeable=True),

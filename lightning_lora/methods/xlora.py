@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, ConfigError, _got, _positive_int, _positive_real, register_config
-from .base import AdaptedLayer, InsertedAdapter, keyword_arguments, refuse_targets
+from .base import AdaptedLayer
+from .inserted import InsertedAdapter, keyword_arguments, refuse_targets
 
 
 @register_config

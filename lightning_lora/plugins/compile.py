@@ -46,7 +46,8 @@ from torch import nn
 
 from ..atomic import atomic_file
 from ..config import ConfigError
-from ..methods.base import AdaptedLayer, InsertedAdapter
+from ..methods.base import AdaptedLayer
+from ..methods.inserted import InsertedAdapter
 
 log = logging.getLogger(__name__)
 
