@@ -190,3 +190,10 @@ def test_probe_from_a_batch_keeps_what_the_model_takes() -> None:
     assert probe_from_batch(model, (ids, ids)) is None
     assert probe_error(model, probe) is None
     assert "Error" in probe_error(model, torch.zeros(1, 8))  # float ids: the embedding refuses them
+
+
+def test_dequantized_merge_into_bfloat16_reports_its_rounding() -> None:
+    """A merge into a narrower dtype than the exact float result: the report shows the rounding (nonzero, below
+    bfloat16's relative step) and no output comparison without a probe."""
+    half = merge_quantized(adapted(NF4), "dequantized", dtype=torch.bfloat16, report=None)
+    assert 0 < half.weight_rel_error < 2 ** -8 and half.logits_max_diff is None
