@@ -14,6 +14,7 @@ draws the next epoch's order differently after a mid-epoch restore (torchdata al
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -24,13 +25,14 @@ from typing_extensions import override
 
 from lightning_lora.callbacks._lightning import (
     CALLBACK_BASES,
+    is_deepspeed,
     is_model_parallel,
     is_overridden,
     rank_zero_info,
     rank_zero_warn,
     unsupported_strategy,
 )
-from lightning_lora.callbacks import distributed as fsdp2
+from lightning_lora.callbacks import deepspeed as zero, distributed as fsdp2
 from lightning_lora.callbacks.checkpoint_io import AdapterCheckpointIO
 from lightning_lora.callbacks.exports import (
     export_final,
@@ -44,7 +46,7 @@ from lightning_lora.callbacks.loraplus import apply_loraplus
 from lightning_lora.callbacks.named import inject_named, named_configs, route_batch
 from lightning_lora.callbacks.options import differences as option_changes, merge_options
 from lightning_lora.callbacks.resume import check_identity, check_state, rng_state, set_rng_state
-from lightning_lora import distributed
+from lightning_lora import deepspeed_io, distributed
 from lightning_lora.config import AdapterConfig, ConfigError, method_option_names
 from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.io import find_hf_model
@@ -313,6 +315,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._probe: Any = None  # the first training example, for the fit-end merge report of a quantized base
         self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
         self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
+        self._deepspeed = False  # DeepSpeedStrategy: ZeRO holds the adapters' masters (stage 3: partitions them too)
         self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded after pruning
         self._optimizers_pruned = False  # on_fit_start has run (frozen parameters left the optimizers)
         self._replicated: list[nn.Parameter] = []  # FSDP2: trainable parameters kept whole on every rank
@@ -335,8 +338,11 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         fsdp2.check_strategy(unsupported_strategy(trainer.strategy))
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
+        self._deepspeed = is_deepspeed(trainer.strategy)
         if self._sharded:
             self._setup_fsdp2(trainer, pl_module)
+        elif self._deepspeed:
+            self._setup_deepspeed(trainer, pl_module)
         elif is_overridden("configure_model", pl_module):
             wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
         else:
@@ -374,6 +380,26 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                                       self._export_step_all_ranks,
                                       self._restore_optimizer_states)
 
+    def _setup_deepspeed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under DeepSpeedStrategy only the adapter reaches ZeRO's optimizer and checkpoints are adapter-only
+        (callbacks/deepspeed.py). ZeRO-3 runs configure_model inside deepspeed.zero.Init, so there the adapters go
+        in before it, as under FSDP2."""
+        zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, bool(self.named_configs),
+                             self.quantize, self.compile_policy.enabled,
+                             getattr(self.config, "loraplus_lr_ratio", None) is not None)
+        if zero.zero_stage(trainer.strategy) == 3:
+            try:
+                self._inject(trainer, pl_module)
+            except ConfigError as err:
+                raise zero.refuse_late_model(err) from None
+        elif is_overridden("configure_model", pl_module):
+            wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
+        else:
+            self._inject(trainer, pl_module)
+        zero.use_adapter_checkpoints(trainer.strategy, self._frozen_keys,
+                                     lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
+                                     self._export_step_all_ranks)
+
     def _restore_optimizer_states(self, states: list) -> None:
         """FSDP2: a checkpoint's optimizer states, loaded once the optimizers hold only trainable parameters. Under
         ModelParallelStrategy Lightning reads the checkpoint after on_fit_start (restore_checkpoint_after_setup), so
@@ -404,7 +430,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Compile the adapted model's blocks (after injection, the precision cast and quantization; before DDP's
         wrap and the optimizers, neither of which a block compiled in place changes), loading the compile cache of an
         earlier run first."""
-        if self._compiled is not None or not self.compile_policy.active(trainer.strategy.root_device):
+        if self._compiled is not None or self._deepspeed or not self.compile_policy.active(trainer.strategy.root_device):
             return
         if getattr(trainer.lightning_module, "_compiler_ctx", None) is not None:
             rank_zero_info("lightning_lora: the LightningModule was compiled whole (trainer.fit(torch.compile(...))); "
@@ -495,7 +521,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             apply_loraplus(trainer, adapters(self.model), self.config.loraplus_lr_ratio,
                            self.config.loraplus_lr_embedding)
         half = {str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)}
-        if half:
+        if half and not self._deepspeed:  # DeepSpeed's bf16/fp16 modes keep float32 masters in the optimizer
             rank_zero_warn(
                 f"lightning_lora: adapter weights are {', '.join(sorted(half))} (something cast them after injection, "
                 "e.g. a .to(dtype) in setup or configure_model), so small updates round away. Cast the base model "
@@ -506,16 +532,30 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._replicated:  # FSDP2 averages the gradients of what it shards; these it was told to leave whole
             distributed.average_replicated_grads(self._replicated, fsdp2.data_parallel_group(trainer.strategy))
-        spec = method_spec(self.config.method)
-        if spec.regularization is not None:  # its gradient joins the (unscaled, all-reduced) loss gradient
-            term = spec.regularization(adapters(self.model))
-            if term is not None:
-                term.backward()
+        for spec in self._method_specs():
+            if spec.regularization is not None:  # its gradient joins the (unscaled, all-reduced) loss gradient
+                with self._whole(spec):
+                    term = spec.regularization(adapters(self.model))
+                    if term is not None:
+                        term.backward()
         self._stepped = True
+
+    def _whole(self, spec: Any) -> Any:
+        """FSDP2: a method's training-loop hook sees its adapters' tensors whole (``distributed.whole_trainable``)."""
+        if not self._sharded:
+            return contextlib.nullcontext()
+        return distributed.whole_trainable(distributed.method_modules(self.model, spec.name))
+
+    def _method_specs(self) -> list[Any]:
+        """The ``MethodSpec`` of each method in the run, once (named adapters may mix methods; a method's hooks act
+        on all of its adapters)."""
+        methods = dict.fromkeys(c.method for c in (self.named_configs or {"": self.config}).values())
+        return [method_spec(m) for m in methods]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         fsdp2.remove_adapter_checkpoints(trainer.strategy)
+        zero.remove_adapter_checkpoints(trainer.strategy)
         self._optimizers_pruned = False  # a next fit builds new optimizers
         unwrap(pl_module, "configure_model", "on_load_checkpoint")
         unwrap(trainer.precision_plugin, "convert_module")
@@ -533,7 +573,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _identity(self) -> dict[str, Any]:
         return {"method": self.config.method, "config": self.config.to_dict(), "base_fingerprint": self._fingerprint,
-                "model_attr": self._root_path, "targets": sorted(adapters(self.model))}
+                "model_attr": self._root_path, "targets": sorted(adapters(self.model)),
+                "adapters": {name: config.to_dict() for name, config in self.named_configs.items()}}
 
     def _prepare_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen base tensors and record what the adapter belongs to; run by ``AdapterCheckpointIO`` on every
@@ -553,17 +594,23 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _after_save(self) -> None:
         """A checkpoint file is complete (rank zero only): export this step once, however many files it wrote."""
-        if not self._sharded:  # under FSDP2 every rank takes part (_export_step_all_ranks)
+        if not self._sharded and not self._deepspeed:  # there every rank takes part (_export_step_all_ranks)
             self._export_step()
 
     def _export_step_all_ranks(self) -> None:
-        """FSDP2: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
+        """FSDP2/DeepSpeed: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
         trainer = self._trainer
         if self.export_on_checkpoint and trainer is not None and self._exported_step != trainer.global_step:
-            with gathered_export(self.model, True, self.export_merged) as tensors:
+            with self._gathered_export() as tensors:
                 if trainer.is_global_zero:
                     self._export_step(tensors)
             self._exported_step = trainer.global_step  # on every rank: each decides alike whether to gather
+
+    def _gathered_export(self) -> Any:
+        """Collective under FSDP2 and DeepSpeed: whole adapter tensors, and the merged tensors' iterator (or None)."""
+        if self._deepspeed:
+            return deepspeed_io.gathered_export(self.model, self.export_merged)
+        return gathered_export(self.model, self._sharded, self.export_merged)
 
     def _export_step(self, tensors: Optional[Any] = None) -> None:
         trainer = self._trainer
@@ -582,8 +629,10 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Runs just before Lightning loads the checkpoint's state dict (non-strictly, since the frozen base is not in
         it): refuse a checkpoint of another adapter or base, and any mismatch beyond the missing base tensors, while
         the model is still untouched."""
-        check_identity(checkpoint.get(CHECKPOINT_KEY), self.config.to_dict(), self._fingerprint)
-        check_state(pl_module.state_dict(), checkpoint["state_dict"], self._frozen_keys(),
+        check_identity(checkpoint.get(CHECKPOINT_KEY), self.config.to_dict(), self._fingerprint,
+                       {name: config.to_dict() for name, config in self.named_configs.items()})
+        model_state = deepspeed_io.state_shapes(pl_module) if self._deepspeed else pl_module.state_dict()
+        check_state(model_state, checkpoint["state_dict"], self._frozen_keys(),
                     strict=self._user_strict_loading is not False)
 
     @override
@@ -609,9 +658,10 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        spec = method_spec(self.config.method)
-        if self._stepped and spec.after_step is not None:  # after the optimizer step, gradients not yet cleared
-            spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
+        for spec in self._method_specs() if self._stepped else ():
+            if spec.after_step is not None:  # after the optimizer step, gradients not yet cleared
+                with self._whole(spec):
+                    spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
         self._stepped = False
         if self._probe is None and self.quantize is not None and self.export_merged and not self._sharded:
             self._probe = probe_from_batch(self.model, batch)
@@ -687,8 +737,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         try:
             if trainer.is_global_zero and self._compiled is not None:
                 save_cache(self._compile_cache)  # now with the validation graphs too
-            # FSDP2: every rank gathers the adapter tensors (only those), rank zero writes them
-            with gathered_export(self.model, self._sharded, self.export_merged) as tensors:
+            # FSDP2/DeepSpeed: every rank gathers the adapter tensors (only those), rank zero writes them
+            with self._gathered_export() as tensors:
                 if trainer.is_global_zero:
                     self.adapter_dir, self.merged_dir = export_final(
                         self.model, self._export_root(trainer), self.export_merged, self._tokenizer(trainer),

@@ -16,11 +16,16 @@ from lightning_lora.config import ConfigError
 from lightning_lora.fingerprint import compare_fingerprints
 
 
-def check_identity(saved: Optional[dict[str, Any]], config: dict[str, Any], fingerprint: Optional[str]) -> None:
-    """Refuse a checkpoint whose recorded adapter options or base fingerprint (``saved``) differ from this run's."""
+def check_identity(saved: Optional[dict[str, Any]], config: dict[str, Any], fingerprint: Optional[str],
+                   named: Optional[dict[str, dict[str, Any]]] = None) -> None:
+    """Refuse a checkpoint whose recorded adapter options or base fingerprint (``saved``) differ from this run's.
+    With named adapters (``named``: name -> options), each adapter's options are compared, under its name (a
+    checkpoint written before the names were recorded holds the first adapter's only: ``config``)."""
     if saved is None:
         return
     differences = option_differences(saved["config"], config, "the checkpoint")
+    if named and "adapters" in saved:
+        differences = named_differences(saved["adapters"], named)
     if differences:
         raise ConfigError(
             f"The checkpoint's adapter was trained with other options than this LoRACallback's "
@@ -32,6 +37,15 @@ def check_identity(saved: Optional[dict[str, Any]], config: dict[str, Any], fing
             f"The checkpoint's adapter was trained on a different base model: {mismatch}. Load the base it "
             "was trained on."
         )
+
+
+def named_differences(saved: dict[str, dict[str, Any]], named: dict[str, dict[str, Any]]) -> list[str]:
+    """``adapters['name'].option: value in the checkpoint vs value in the callback`` for each named adapter's changed
+    option, or the adapter names themselves when they differ."""
+    if list(saved) != list(named):
+        return [f"adapters: {list(saved)} in the checkpoint vs {list(named)} in the callback"]
+    return [f"adapters[{name!r}].{difference}" for name, options in named.items()
+            for difference in option_differences(saved[name], options, "the checkpoint")]
 
 
 def check_state(model_state: dict[str, Any], saved_state: dict[str, Any], frozen: set[str], strict: bool) -> None:
