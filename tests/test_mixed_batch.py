@@ -199,3 +199,43 @@ def test_serving_cache_follows_weight_changes() -> None:
         with adapter_batch(model, NAMES):
             mixed = model(tokens).logits
         torch.testing.assert_close(mixed, one_by_one(model, tokens, NAMES), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("regional", [True, False])  # the callback's per-block compile, and the whole model's
+def test_a_compiled_model_does_not_recompile_when_the_mix_changes(regional: bool) -> None:
+    """Every LoRA adapter a layer holds is in its concatenated factors and the mix is only in tensors, so one graph
+    serves every mix of the same batch size: other adapters, other orders, rows without an adapter, a DoRA adapter
+    in or out of the batch (its generic path), in inference and in training."""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = three_adapters(dora=True)
+    eager = copy.deepcopy(model)
+    counter = CompileCounter()
+    if regional:
+        for block in model.model.layers:
+            block.compile(backend=counter)
+        compiled = model
+    else:
+        compiled = torch.compile(model, backend=counter)
+    tokens = torch.randint(3, VOCAB, (len(NAMES), 7), generator=torch.Generator().manual_seed(5))
+    mixes = [NAMES, ["b", "b", "a", "a", "b", "a"], [None, None, "a", None, "b", None], ["c"] * 6]
+    frames = None
+    with torch.no_grad():
+        for names in mixes:
+            with adapter_batch(model, names):
+                got = compiled(tokens).logits
+            frames = frames or counter.frame_count
+            assert counter.frame_count == frames, f"recompiled for the mix {names}"
+            torch.testing.assert_close(got, one_by_one(eager, tokens, names), rtol=1e-5, atol=1e-5)
+    if not regional:
+        return
+    model.train()
+    frames = None
+    for names in mixes[:2]:
+        with adapter_batch(model, names):
+            compiled(tokens).logits.sum().backward()
+        frames = frames or counter.frame_count
+        assert counter.frame_count == frames, f"recompiled for the training mix {names}"
