@@ -12,8 +12,15 @@ Timing: ``--new-tokens`` tokens after a ``--prompt``-token prompt, ``min_new_tok
 on; each variant runs ``--rounds`` times after one warm-up and the best round counts: ms per generated token (the
 prompt's prefill included, amortized). Every row names its card and its ratio to the base row of the same run.
 
+``--overhead``: the host cost of one adapted layer alone (batch-1 decoding is bound by it): microseconds per call of
+an ``nn.Linear`` and of the same layer with unmerged LoRA (1 and 2 adapters active, dropout configured in eval mode,
+merged, and the general path that a forward hook on the update forces), tiny shapes (``--overhead-features``, one
+token) without autograd, the variants interleaved over ``--overhead-rounds`` rounds with the best counting (CPU: the
+thread's CPU time, so other processes' load counts less), and the ATen operators of one call of each.
+
     python benchmarks/bench_decode.py                # the GPU run
     python benchmarks/bench_decode.py --tiny         # a CPU smoke run with tiny shapes
+    python benchmarks/bench_decode.py --overhead     # host cost per adapted layer (CPU, or --device cuda)
 """
 
 from __future__ import annotations
@@ -22,13 +29,16 @@ import argparse
 import copy
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import lightning_lora as ll  # noqa: E402
+from lightning_lora import surgery  # noqa: E402
 from _models import (  # noqa: E402
     LLAMA_1B, TINY, build_base, copy_adapters_to_peft, describe_run, device_name, free, llama_config, sync, wrap_peft,
 )
@@ -103,6 +113,80 @@ def time_generate(model, ids, args, device: str) -> tuple[float, torch.Tensor]:
     return best * 1e3 / args.new_tokens, out
 
 
+class AtenOps(TorchDispatchMode):
+    """Records the ATen operators a block of code runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket).removeprefix("aten."))
+        return func(*args, **(kwargs or {}))
+
+
+def overhead_layers(features: int, r: int, dtype: torch.dtype, device: str) -> dict[str, torch.nn.Module]:
+    """One ``features x features`` linear layer per variant (same weights), in eval mode."""
+    def layer(adapters: int = 1, dropout: float = 0.0, merged: bool = False, hook: bool = False) -> torch.nn.Module:
+        torch.manual_seed(0)
+        holder = torch.nn.Sequential(torch.nn.Linear(features, features, bias=False, device=device, dtype=dtype))
+        if adapters:
+            for i in range(adapters):
+                ll.inject(holder, ll.AdapterConfig.create("lora", r=r, target_modules=["0"], dropout=dropout,
+                                                          init_weights=False), name=f"a{i}")
+            surgery.set_active_adapters(holder, [f"a{i}" for i in range(adapters)])
+            if merged:
+                ll.merge(holder)
+            if hook:
+                holder[0].adapters["a0"].register_forward_hook(lambda *_: None)
+        return holder.eval()[0]
+
+    return {
+        "nn.Linear (base)": layer(adapters=0),
+        "LoRA unmerged": layer(),
+        "LoRA unmerged, 2 adapters": layer(adapters=2),
+        "LoRA unmerged, dropout 0.1, eval": layer(dropout=0.1),
+        "LoRA merged": layer(merged=True),
+        "LoRA unmerged, general path (no-op hook on the update)": layer(hook=True),
+    }
+
+
+@torch.no_grad()
+def overhead(args, device: str) -> int:
+    """Host microseconds per call of one adapted layer vs ``nn.Linear``, and the ATen operators of one call."""
+    clock = time.thread_time if device == "cpu" else time.perf_counter
+    card = device_name(device)
+    print(f"overhead: 1 token x {args.overhead_features} features, LoRA r={args.r}, no autograd, "
+          f"{args.overhead_calls} calls per round, best of {args.overhead_rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} CPU threads")
+    for dtype in (torch.float32, torch.bfloat16):
+        layers = overhead_layers(args.overhead_features, args.r, dtype, device)
+        x = torch.randn(1, 1, args.overhead_features, device=device, dtype=dtype)
+        best = dict.fromkeys(layers, float("inf"))
+        for layer in layers.values():
+            for _ in range(100):  # warm-up: the kept factors, the allocator
+                layer(x)
+        for _ in range(args.overhead_rounds):
+            for name, layer in layers.items():
+                sync(device)
+                t = clock()
+                for _ in range(args.overhead_calls):
+                    layer(x)
+                sync(device)
+                best[name] = min(best[name], (clock() - t) / args.overhead_calls * 1e6)
+        base_us = best["nn.Linear (base)"]
+        print(f"\n| layer ({str(dtype).removeprefix('torch.')}) | device | us/call | extra vs nn.Linear | ATen ops/call "
+              "| ATen ops |")
+        print("| --- | --- | ---: | ---: | ---: | --- |")
+        for name, layer in layers.items():
+            with AtenOps() as recorded:
+                layer(x)
+            ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in Counter(recorded.names).items())
+            print(f"| {name} | {card} | {best[name]:.2f} | {best[name] - base_us:+.2f} | {len(recorded.names)} "
+                  f"| {ops} |")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke run)")
@@ -119,8 +203,16 @@ def main() -> int:
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--bf16-rtol", type=float, default=0.1)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--overhead", action="store_true", help="only the host cost per adapted layer (see above)")
+    p.add_argument("--overhead-features", type=int, default=64)
+    p.add_argument("--overhead-calls", type=int, default=2000)
+    p.add_argument("--overhead-rounds", type=int, default=15)
     args = p.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.overhead:
+        if device == "cpu":
+            torch.set_num_threads(1)  # tiny matmuls: one thread, no pool wake-ups
+        return overhead(args, device)
     args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
     print(describe_run(device))
     ok = True

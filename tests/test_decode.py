@@ -4,13 +4,19 @@ tokens as PEFT."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from copy import deepcopy
+from typing import Iterator
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_lora as ll
 from lightning_lora import surgery
+from lightning_lora.hotswap import hotswap_adapter
+from lightning_lora.methods.lora import LoRADecodePlan
 from conftest import make_llama
 from peft_oracle import ours_to_peft, peft_model, randomize_adapters
 
@@ -90,3 +96,179 @@ def test_greedy_tokens_equal_peft_unmerged_and_merged() -> None:
     assert torch.equal(model.generate(input_ids=IDS, **kwargs), theirs)
     ll.merge(model)
     assert torch.equal(model.generate(input_ids=IDS, **kwargs), theirs)
+
+
+# -- the decode plan (LoRADecodePlan): the general path's operators without its per-update module calls -------------
+@contextlib.contextmanager
+def general_path(model: torch.nn.Module) -> Iterator[list[int]]:
+    """Every LoRA update gets a no-op forward hook, which the decode plan must not bypass: the layers take the general
+    path (``AdaptedLayer._run``); yields the hooks' call count."""
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    handles = [u.register_forward_hook(hook) for layer in ll.adapters(model).values() for u in layer.adapters.values()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def plans(model: torch.nn.Module) -> list[object]:
+    """Each adapted layer's decode plan as its last forward kept it (None: none)."""
+    return [layer.__dict__.get("_plain", (None, None, None))[2] for layer in ll.adapters(model).values()]
+
+
+def assert_fast_equals_general(model: torch.nn.Module, expect_plan: bool = True) -> torch.Tensor:
+    """The no-grad logits with the decode plan equal the general path's exactly; returns them."""
+    with torch.no_grad():
+        fast = model(input_ids=IDS).logits
+        used = plans(model)
+        with general_path(model) as calls:
+            general = model(input_ids=IDS).logits
+    assert torch.equal(fast, general)
+    if expect_plan:
+        assert all(isinstance(p, LoRADecodePlan) for p in used), used
+        assert calls[0] > 0  # the reference really took the general path
+    return fast
+
+
+def two_adapter_llama(dtype: torch.dtype, adapters: int) -> torch.nn.Module:
+    model = make_llama().to(dtype)
+    for i in range(adapters):  # alpha != r: the scaling is not 1
+        ll.inject(model, ll.AdapterConfig.create("lora", r=4, alpha=4 * (i + 2), target_modules="all-linear"),
+                  name=f"a{i}")
+    surgery.set_active_adapters(model, [f"a{i}" for i in range(adapters)])
+    randomize_adapters(model, seed=5)
+    return model
+
+
+@pytest.mark.parametrize("adapters", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_plan_equals_general_path(dtype: torch.dtype, adapters: int) -> None:
+    model = two_adapter_llama(dtype, adapters)
+    fast = assert_fast_equals_general(model)
+    with torch.enable_grad():  # the training path's operators give the same numbers too
+        assert torch.equal(fast, model(input_ids=IDS).logits.detach())
+
+
+def test_decode_plan_follows_every_change_of_state(tmp_path) -> None:
+    """Optimizer steps, loads, hot-swaps, adapter switches, disable, merge/unmerge, deletion, deep copies and dtype
+    moves each change what the plan must compute; after each it still equals the general path. A bf16 base with
+    float32 adapters: the plan keeps bf16 copies of A and B, which each change must renew."""
+    model = two_adapter_llama(torch.bfloat16, 2)
+    before = assert_fast_equals_general(model)
+
+    params = list(surgery.adapter_parameters(model))
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    model(input_ids=IDS).logits.square().mean().backward()
+    optimizer.step()  # in-place writes to A and B
+    stepped = assert_fast_equals_general(model)
+    assert not torch.equal(stepped, before)
+
+    other = make_llama()
+    ll.inject(other, ll.AdapterConfig.create("lora", r=4, alpha=8, target_modules="all-linear"))
+    randomize_adapters(other, seed=9)
+    ll.save_adapter(other, tmp_path / "other")
+    hotswap_adapter(model, str(tmp_path / "other"), name="a0")
+    swapped = assert_fast_equals_general(model)
+    assert not torch.equal(swapped, stepped)
+
+    ll.load_adapter(model, tmp_path / "other", name="loaded")  # a third update on every layer
+    surgery.set_active_adapters(model, ["loaded", "a1"])
+    assert_fast_equals_general(model)
+    surgery.set_active_adapters(model, ["a1"])
+    only_a1 = assert_fast_equals_general(model)
+
+    with ll.disable_adapters(model):
+        assert_fast_equals_general(model, expect_plan=False)
+        assert all(p is None for p in plans(model))
+    assert torch.equal(assert_fast_equals_general(model), only_a1)
+
+    ll.merge(model)
+    with torch.no_grad():
+        merged = model(input_ids=IDS).logits
+    assert all(p is None for p in plans(model))  # merged: the plain path, no plan
+    torch.testing.assert_close(merged, only_a1, rtol=0.05, atol=0.05)  # bf16 rounding of the merged weight
+    ll.unmerge(model)
+    assert torch.equal(assert_fast_equals_general(model), only_a1)
+
+    surgery.set_active_adapters(model, ["a0", "a1"])
+    surgery.delete_adapter(model, "a1")
+    assert_fast_equals_general(model)
+
+    copy = deepcopy(model)  # the copy's plans follow the copy's tensors, not the original's
+    with torch.no_grad():
+        for layer in ll.adapters(copy).values():
+            layer.adapters["a0"].lora_B.weight.mul_(3)
+    assert not torch.equal(assert_fast_equals_general(copy), assert_fast_equals_general(model))
+
+    model.float()  # float32 activations: the kept bf16 casts no longer serve
+    assert assert_fast_equals_general(model).dtype == torch.float32
+    model.double()  # new tensors under the same parameters (.data): the kept casts are redone
+    assert assert_fast_equals_general(model).dtype == torch.float64
+
+
+def test_decode_plan_does_not_bypass_hooks_on_an_update() -> None:
+    model = two_adapter_llama(torch.float32, 1)
+    with torch.no_grad():
+        plain = model(input_ids=IDS).logits
+    update = ll.adapters(model)["model.layers.0.self_attn.q_proj"].adapters["a0"]
+    seen = []
+    handle = update.register_forward_hook(lambda module, args, out: seen.append(1) or out * 2)
+    with torch.no_grad():
+        hooked = model(input_ids=IDS).logits
+    assert seen and not torch.equal(hooked, plain)  # the hook ran and its output counted
+    handle.remove()
+    pre = update.register_forward_pre_hook(lambda module, args: seen.append(2))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, plain)
+    assert seen[-1] == 2
+    pre.remove()
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=IDS).logits, plain)
+    finally:
+        handle.remove()
+    assert "LoRAUpdate" in calls  # a global hook sees the update modules too
+    assert_fast_equals_general(model)  # hooks gone: the plan again
+
+
+def test_decode_plan_with_dropout_in_train_and_eval_mode() -> None:
+    model = make_llama()
+    ll.inject(model, ll.AdapterConfig.create("lora", r=4, dropout=0.5, target_modules="all-linear"))
+    randomize_adapters(model, seed=2)
+    eval_out = assert_fast_equals_general(model)  # eval: dropout off, the plan runs
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dropped = model(input_ids=IDS).logits
+        assert all(isinstance(p, LoRADecodePlan) for p in plans(model))  # kept, but it declines each call
+        torch.manual_seed(0)
+        with general_path(model):
+            general = model(input_ids=IDS).logits
+    assert torch.equal(dropped, general) and not torch.equal(dropped, eval_out)
+    model.eval()
+    assert torch.equal(assert_fast_equals_general(model), eval_out)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_decode_plan_runs_the_minimal_operators(bias: bool, adapters: int) -> None:
+    """One adapted nn.Linear on (batch, tokens, features) input, no autograd: its linear, then per update one mm and
+    one addmm_ (A^T and B^T kept cast), and the two views between 3-D and 2-D; nothing else."""
+    holder = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=bias)).to(torch.bfloat16)
+    for i in range(adapters):
+        ll.inject(holder, ll.AdapterConfig.create("lora", r=2, target_modules=["0"]), name=f"a{i}")
+    surgery.set_active_adapters(holder, [f"a{i}" for i in range(adapters)])
+    x = torch.randn(1, 1, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        holder(x)  # casts A and B to bf16 once
+        with Ops() as recorded:
+            holder(x)
+    linear = ["t", "addmm"] if bias else ["t", "mm"]
+    assert recorded.names == [f"aten.{n}" for n in ["view", *linear, *["mm", "addmm_"] * adapters, "view"]]

@@ -125,6 +125,14 @@ class WeightUpdate(nn.Module):
         """Merged weight minus unmerged weight; valid whether merged or not."""
         raise NotImplementedError
 
+    @classmethod
+    def decode_plan(cls, updates: list[WeightUpdate]) -> Optional[Callable[[AdaptedLayer, Tensor], Optional[Tensor]]]:
+        """A faster forward of an ``nn.Linear`` layer without autograd while ``updates`` (active, unmerged, this
+        class's first) are all it applies, or None (the default). ``AdaptedLayer`` keeps it with ``_plain_state``;
+        it returns None on a call it cannot take, which then runs the general path. LoRA's skips the per-update module
+        calls that dominate batch-1 decoding (``LoRADecodePlan``)."""
+        return None
+
     def before_merge(self, layer: AdaptedLayer) -> None:
         """Keep what ``delta_weight`` needs once the weight holds the merged value."""
 
@@ -186,17 +194,21 @@ _PLAIN_INPUTS = frozenset({"enabled", "active_adapters", "batch_route", "exact_b
 
 class Updates(nn.ModuleDict):
     """A layer's updates by name, knowing whether any of them transforms the input (so that the forward of a layer
-    without such an update, LoRA's, pays one attribute read for the hook, not a loop)."""
+    without such an update, LoRA's, pays one attribute read for the hook, not a loop), and counting its changes (an
+    update added, replaced or removed: ``AdaptedLayer`` then recomputes its ``_plain_state``)."""
 
     transforms_input = False
+    changes = 0
 
     def __setitem__(self, key: str, module: nn.Module) -> None:
         super().__setitem__(key, module)
         self.transforms_input = any(getattr(u, "transforms_input", False) for u in self.values())
+        self.changes += 1
 
     def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
         self.transforms_input = any(getattr(u, "transforms_input", False) for u in self.values())
+        self.changes += 1
 
 
 class AdaptedLayer(nn.Module):
@@ -231,22 +243,31 @@ class AdaptedLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.compiler.is_compiling():  # compiled, this check would only add guards; the graph is the same
             plain = self.__dict__.get("_plain")
-            if plain is None or plain[1] != len(self._modules["adapters"]):
+            if plain is None or plain[1] != self._modules["adapters"].changes:
                 plain = self._plain_state()
             if plain[0]:  # every active adapter merged, or all off: the base op alone, as the base layer runs it
                 return F.linear(x, self.weight, self.bias)
+            if plain[2] is not None and not torch.is_grad_enabled():
+                out = plain[2](self, x)
+                if out is not None:
+                    return out
         return self._run(x, self.enabled)
 
-    def _plain_state(self) -> tuple[bool, int]:
+    def _plain_state(self) -> tuple[bool, int, Optional[Callable[[AdaptedLayer, Tensor], Optional[Tensor]]]]:
         """Whether ``forward`` is exactly ``F.linear`` on ``weight`` (an ``nn.Linear`` base whose active adapters are
-        all merged, or disabled with nothing merged), and the adapter count it was computed for; kept until an
-        attribute it reads is set (``__setattr__``), a merge changes, or an adapter is added or removed."""
+        all merged, or disabled with nothing merged), the ``Updates.changes`` it was computed for, and the active
+        updates' ``decode_plan`` (None: none); kept until an attribute it reads is set (``__setattr__``), a merge
+        changes, or an adapter is added, replaced or removed."""
+        plan = None
         if self.enabled:
-            plain = self.batch_route is None and all(
-                self.adapters[n].merged for n in self.active_names() if n in self.adapters)
+            pending = [self.adapters[n] for n in self.active_names() if n in self.adapters]
+            pending = [u for u in pending if not u.merged]
+            plain = self.batch_route is None and not pending
+            if self.batch_route is None and pending and self.base_op is _linear and not self.adapters.transforms_input:
+                plan = type(pending[0]).decode_plan(pending)
         else:
             plain = self.exact_base is None
-        state = (plain and self.base_op is _linear, len(self.adapters))
+        state = (plain and self.base_op is _linear, self.adapters.changes, plan)
         self.__dict__["_plain"] = state
         return state
 

@@ -7,10 +7,12 @@ rename. A starts Kaiming-uniform (or Gaussian), B starts at zero: the adapted mo
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from ..config import ConfigError, LoRAConfig
 from ..targeting import pattern_value
@@ -54,16 +56,27 @@ class LoRAUpdate(WeightUpdate):
         return out.addmm_(after_a, self.lora_B.weight.to(out.dtype).t(), alpha=self.scaling)
 
     def _inference_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """A^T and B^T in ``dtype``, cast once and kept until either weight changes (its version counter, bumped by
-        every in-place write: optimizer steps, loads) or moves; a copy only when the dtypes differ (r * (in + out)
-        values)."""
-        a, b = self.lora_A.weight, self.lora_B.weight
-        key = (dtype, a.data_ptr(), b.data_ptr(), a._version, b._version)
-        cached = self.__dict__.get("_factors")
-        if cached is None or cached[0] != key:
-            cached = (key, a.detach().to(dtype).t(), b.detach().to(dtype).t())
-            self.__dict__["_factors"] = cached
-        return cached[1], cached[2]
+        """A^T and B^T in ``dtype``, cast once and kept until either weight changes: replaced, written in place (its
+        version counter, bumped by optimizer steps and loads) or given new data (``.data =``, ``.to``: the kept
+        detached source holds the old storage, so a new one cannot reuse its address); a copy only when the dtypes
+        differ (r * (in + out) values). Reads the parameters without ``nn.Module.__getattr__`` (the decode path)."""
+        a = self._modules["lora_A"]._parameters["weight"]
+        b = self._modules["lora_B"]._parameters["weight"]
+        c = self.__dict__.get("_factors")
+        if (c is None or c[0] is not a or c[1] is not b or c[2] is not dtype or c[3] != a._version
+                or c[4] != b._version or c[5] != a.data_ptr() or c[6] != b.data_ptr()):
+            a_src, b_src = a.detach(), b.detach()
+            c = (a, b, dtype, a._version, b._version, a.data_ptr(), b.data_ptr(),
+                 a_src.to(dtype).t(), b_src.to(dtype).t(), a_src, b_src)
+            self.__dict__["_factors"] = c
+        return c[7], c[8]
+
+    @classmethod
+    def decode_plan(cls, updates: list[WeightUpdate]) -> Optional[LoRADecodePlan]:
+        """``LoRADecodePlan`` when every update is a plain LoRA (DoRA and AdaLoRA have their own forward)."""
+        if all(type(u).forward is LoRAUpdate.forward for u in updates):
+            return LoRADecodePlan(updates)
+        return None
 
     def lora_weight(self) -> Tensor:
         """B A in (out_features, in_features) layout."""
@@ -71,6 +84,38 @@ class LoRAUpdate(WeightUpdate):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         return self.lora_weight() * self.scaling
+
+
+_GLOBAL_HOOKS = (_module._global_forward_pre_hooks, _module._global_forward_hooks,
+                 _module._global_backward_pre_hooks, _module._global_backward_hooks)
+
+
+class LoRADecodePlan:
+    """An ``nn.Linear`` ``AdaptedLayer``'s forward without autograd over unmerged LoRA updates, for batch-1 decoding,
+    where the host's time per layer is the cost: the same operators in the same order as the general path (one
+    ``linear``, then per update ``x A^T`` and an ``addmm_`` of it times B^T into the output, hence equal outputs), minus
+    the per-update ``nn.Module`` calls, name lookups and checks. ``AdaptedLayer._plain_state`` builds it and drops it
+    when the layer's state changes; a call it cannot take (an update in training mode with dropout, or a hook on an
+    update module, which its call would run) returns None and runs the general path. Deep copies and pickles
+    follow the model (it holds the updates, never the layer)."""
+
+    def __init__(self, updates: list[WeightUpdate]) -> None:
+        self.updates = tuple(updates)
+
+    def __call__(self, layer: AdaptedLayer, x: Tensor) -> Optional[Tensor]:
+        for u in self.updates:
+            if ((u.training and isinstance(u._modules["lora_dropout"], nn.Dropout)) or u._forward_hooks
+                    or u._forward_pre_hooks or u._backward_hooks or u._backward_pre_hooks):
+                return None
+        if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3]:
+            return None
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = F.linear(x, layer._parameters["weight"], layer._parameters["bias"])
+        for u in self.updates:
+            a_t, b_t = u._inference_factors(out.dtype)
+            out.addmm_(x.mm(a_t), b_t, alpha=u.scaling)
+        return out.view(*shape[:-1], out.shape[-1])
 
 
 class LoRAConvUpdate(WeightUpdate):
