@@ -45,20 +45,21 @@ def build_base(config, dtype: torch.dtype, device: str, seed: int) -> nn.Module:
     return model.train()
 
 
-def wrap_peft(model: nn.Module, method: str, r: int, alpha: float, bf16_adapters: bool = False) -> nn.Module:
+def wrap_peft(model: nn.Module, method: str, r: int, alpha: float, bf16_adapters: bool = False,
+              dropout: float = 0.0) -> nn.Module:
     """``get_peft_model``; by default (``autocast_adapter_dtype=True``) it upcasts bf16 adapter weights to float32."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
                         use_dora=(method == "dora"), task_type="CAUSAL_LM")
     return get_peft_model(model, config, autocast_adapter_dtype=not bf16_adapters)
 
 
 def wrap_ours(model: nn.Module, method: str, r: int, alpha: float, bf16_adapters: bool = False,
-              random_b: bool = False) -> nn.Module:
+              random_b: bool = False, dropout: float = 0.0) -> nn.Module:
     """``inject`` with the library's defaults (float32 adapter weights over a half-precision base); ``bf16_adapters``
     casts the adapter parameters to bfloat16 afterwards, for contrast."""
-    ll.inject(model, ll.AdapterConfig.create(method, r=r, alpha=alpha, target_modules="all-linear",
+    ll.inject(model, ll.AdapterConfig.create(method, r=r, alpha=alpha, target_modules="all-linear", dropout=dropout,
                                              init_weights=False if random_b else True))
     if bf16_adapters:
         for p in surgery.adapter_parameters(model):

@@ -37,6 +37,7 @@ class Variant:
     method: str = "lora"
     compile: str = ""  # "", "model", "regional", "fit"
     bf16_adapters: bool = False  # cast the adapter weights to bf16 (both libraries default to fp32)
+    dropout: float = 0.0  # the adapters' dropout on their input (LoRA's lora_dropout)
     fused_ce: bool = False  # _memory_options.fused_linear_cross_entropy instead of HF's loss
     sac: bool = False  # _memory_options.selective_checkpointing
     warm: bool = False  # run in a new process that loads the compile cache the cold row saved
@@ -137,9 +138,9 @@ def run_variant(v: Variant, args, config, ids: torch.Tensor, device: str) -> Res
     if v.warm and args.load_cache:
         res.extra["cache_loaded"] = load_cache(_path(args.load_cache))
     if v.lib == "peft":
-        model = wrap_peft(model, v.method, args.r, args.alpha, v.bf16_adapters)
+        model = wrap_peft(model, v.method, args.r, args.alpha, v.bf16_adapters, dropout=v.dropout)
     elif v.lib == "ours":
-        model = wrap_ours(model, v.method, args.r, args.alpha, v.bf16_adapters)
+        model = wrap_ours(model, v.method, args.r, args.alpha, v.bf16_adapters, dropout=v.dropout)
     else:
         model.requires_grad_(True)
     if v.sac:

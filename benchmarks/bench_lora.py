@@ -62,6 +62,8 @@ def variants(args) -> list[Variant]:
         Variant("DoRA ours regional compile", "ours", method="dora", compile="regional"),
         Variant("ours regional compile + fused CE", "ours", compile="regional", fused_ce=True),
         Variant("ours eager + fused CE", "ours", fused_ce=True, optional=True),
+        Variant("PEFT compile, dropout 0.05", "peft", compile="model", dropout=0.05, optional=True),
+        Variant("ours regional compile, dropout 0.05", "ours", compile="regional", dropout=0.05, optional=True),
         Variant("ours regional compile + selective AC", "ours", compile="regional", sac=True, optional=True),
         Variant("ours regional compile, two training graphs", "ours", compile="regional", uniform_grad=False,
                 optional=True),
