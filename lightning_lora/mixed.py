@@ -102,8 +102,8 @@ class LayerRoute:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
-        self.a = tuple(u._modules["lora_A"]._parameters["weight"] for u in self.lora)
-        self.b = tuple(u._modules["lora_B"]._parameters["weight"] for u in self.lora)
+        self.a = tuple([u._modules["lora_A"]._parameters["weight"] for u in self.lora])
+        self.b = tuple([u._modules["lora_B"]._parameters["weight"] for u in self.lora])
         self.key = layout.key
         self.trainable = any(t.requires_grad for t in self.a + self.b)
         self.device = self.a[0].device if self.a else None
@@ -189,6 +189,7 @@ class _Layout:
         self.lora = tuple(u for _, u in fast)
         self.key = tuple(id(u) for u in self.lora)
         self.columns = tuple((n, u.r, u.scaling) for n, u in fast)
+        self.mask_key = repr(self.columns)  # equal across layers of the same layout; a str keeps its hash
         self.dropouts = {n: _dropout_p(u) for n, u in fast}
         ps = set(self.dropouts.values())
         self.dropout = None if len(ps) > 1 else ps.pop() if ps else 0.0  # None: each row its own (``keep``)
@@ -261,7 +262,8 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
         return made["rows", name, device]
 
     def mask_of(layout: _Layout, device: torch.device) -> _Mask:
-        if ("mask", layout.columns, device) not in made:
+        key = (layout.mask_key, device)
+        if key not in made:
             columns, start = {}, 0
             for n, r, scaling in layout.columns:
                 columns[n], start = (start, start + r, scaling), start + r
@@ -270,8 +272,8 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
                 if n in columns:
                     begin, end, scaling = columns[n]
                     mask[i, 0, begin:end] = scaling
-            made["mask", layout.columns, device] = _Mask(mask.to(device))
-        return made["mask", layout.columns, device]
+            made[key] = _Mask(mask.to(device))
+        return made[key]
 
     def keep_of(layout: _Layout, device: torch.device) -> Tensor:  # (batch, 1, 1): each row's keep probability
         p = layout.dropouts
@@ -294,7 +296,7 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
     _unset(layers)
     for layer, route in zip(layers, routes):
         route.owner = batch_route
-        layer.batch_route = route
+        _set_route(layer, route)
     batch_route.hook = model.register_forward_pre_hook(batch_route.check_batch, with_kwargs=True)
     _ROUTES[model] = batch_route
 
@@ -309,6 +311,13 @@ def clear_batch_adapters(model: nn.Module) -> None:
     _unset(route.layers if route is not None else _adapted_layers(model))
 
 
+def _set_route(layer: AdaptedLayer, route: Optional[LayerRoute]) -> None:
+    """``layer.batch_route = route`` as ``AdaptedLayer.__setattr__`` does it (dropping the kept ``_plain`` state),
+    without ``nn.Module.__setattr__``'s checks: twice per layer and batch, they were a fifth of setting a batch."""
+    layer.__dict__["batch_route"] = route
+    layer.__dict__.pop("_plain", None)
+
+
 def _unset(layers: list[AdaptedLayer]) -> None:
     """Take the batch routes off ``layers``, and the batch check off the models they were set on."""
     for layer in layers:
@@ -317,7 +326,7 @@ def _unset(layers: list[AdaptedLayer]) -> None:
             if owner is not None and owner.hook is not None:
                 owner.hook.remove()
                 owner.hook = None
-            layer.batch_route = None
+            _set_route(layer, None)
     for key in [m for m, r in _ROUTES.items() if r.hook is None]:
         del _ROUTES[key]
 
