@@ -10,6 +10,13 @@ logit). A disagreement exits with status 1 after the timings. Then it times forw
 
     python benchmarks/bench_multi.py                         # GPU: Llama-3.2-1B shapes, bf16, 8 x 512 tokens
     python benchmarks/bench_multi.py --device cpu --shape tiny --dtype float32 --seq 128   # the CPU measurement
+    python benchmarks/bench_multi.py --device cpu --shape host --dtype float32 --seq 8 --no-peft   # host time alone
+    python benchmarks/bench_multi.py --profile          # + torch.profiler tables of each single and mixed step
+
+The ``host`` shape is the 1B model's layers and adapted projections (112) at tiny widths: its time is the Python and
+dispatch overhead of each forward, which is what a GPU run at 1B shapes waits on when the host is slow. A training
+step zeroes the gradients first (``set_to_none``, as Lightning's loop does), so four adapters' gradients are new
+tensors each step rather than accumulated into.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, vocab_size=4096),
+    "host": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
 }
 NAMES = ["default", "t1", "t2", "t3"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,6 +93,33 @@ def paired(fn_a, fn_b, args: argparse.Namespace) -> tuple[float, float, float]:
     return statistics.median(a_times), statistics.median(b_times), ratio
 
 
+def profile(label: str, fn, args: argparse.Namespace) -> None:
+    """Print torch.profiler's table of one call of ``fn`` (after ``--warmup`` calls): wall time, host (self CPU)
+    and device totals, kernel count, and the ops by self device time (on the CPU: self CPU time)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):
+        fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fn()
+        sync()
+        wall = (time.perf_counter() - start) * 1e3
+    table = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in table) / 1e3
+    device = sum(e.self_device_time_total for e in table) / 1e3
+    kernels = sum(e.count for e in table if e.device_type.name == "CUDA")
+    print(f"\n=== {label}: {wall:.2f} ms wall (profiled); host self total {host:.2f} ms; device self total "
+          f"{device:.2f} ms; kernels {kernels}")
+    print(table.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.profile_rows,
+                      max_name_column_width=60))
+
+
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
@@ -101,6 +137,8 @@ def main() -> int:
     parser.add_argument("--rtol", type=float, default=1e-3, help="of the largest logit, in the float32 check")
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of each step")
+    parser.add_argument("--profile-rows", type=int, default=25)
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     rtol = args.rtol
@@ -177,6 +215,7 @@ def main() -> int:
             model(tokens, **kw)
 
     def train_step(model):
+        model.zero_grad(set_to_none=True)
         model(input_ids=tokens, labels=tokens).loss.backward()
 
     def in_mixed(fn):
@@ -190,6 +229,11 @@ def main() -> int:
     report.update(ours_single_ms=single, ours_mixed4_ms=mix, ours_mixed_over_single=ratio)
     single, mix, ratio = paired(lambda: train_step(ours), in_mixed(lambda: train_step(ours)), args)
     report.update(ours_train_single_ms=single, ours_train_mixed4_ms=mix, ours_train_mixed_over_single=ratio)
+    if args.profile:
+        profile("ours single forward", lambda: forward(ours), args)
+        profile("ours mixed forward", in_mixed(lambda: forward(ours)), args)
+        profile("ours single train step", lambda: train_step(ours), args)
+        profile("ours mixed train step", in_mixed(lambda: train_step(ours)), args)
     ours.zero_grad(set_to_none=True)
     if peft_model is not None:
         peft_model.set_adapter("default")
