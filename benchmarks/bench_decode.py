@@ -12,6 +12,11 @@ Timing: ``--new-tokens`` tokens after a ``--prompt``-token prompt, ``min_new_tok
 on; each variant runs ``--rounds`` times after one warm-up and the best round counts: ms per generated token (the
 prompt's prefill included, amortized). Every row names its card and its ratio to the base row of the same run.
 
+``--compiled`` adds a row pair run as a server would to take the host out: HF's static-cache ``generate``
+(``cache_implementation="static"``) with its forward compiled (``CompileConfig``: Inductor, ``mode="reduce-overhead"``,
+so CUDA graphs), for the base and for ours unmerged; the ratio of that pair is its own (compiled ours over compiled
+base). On the CPU (``--tiny``) it compiles with the "eager" backend, only to check that the path runs.
+
 ``--overhead``: the host cost of one adapted layer alone (batch-1 decoding is bound by it): microseconds per call of
 an ``nn.Linear`` and of the same layer with unmerged LoRA (1 and 2 adapters active, dropout configured in eval mode,
 merged, and the general path that a forward hook on the update forces), tiny shapes (``--overhead-features``, one
@@ -19,6 +24,7 @@ token) without autograd, the variants interleaved over ``--overhead-rounds`` rou
 thread's CPU time, so other processes' load counts less), and the ATen operators of one call of each.
 
     python benchmarks/bench_decode.py                # the GPU run
+    python benchmarks/bench_decode.py --compiled     # ... plus the static-cache compiled pair
     python benchmarks/bench_decode.py --tiny         # a CPU smoke run with tiny shapes
     python benchmarks/bench_decode.py --overhead     # host cost per adapted layer (CPU, or --device cuda)
 """
@@ -59,9 +65,22 @@ def adapted_pair(base, args):
     return ours.eval(), peft.eval()
 
 
-def greedy(model, ids, new_tokens: int) -> torch.Tensor:
+def greedy(model, ids, new_tokens: int, **generate_options) -> torch.Tensor:
     return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **generate_options)
+
+
+def static_compiled(device: str) -> dict:
+    """``generate`` options for HF's static KV cache with the decoding forward compiled: on CUDA with Inductor's
+    CUDA graphs (``reduce-overhead``), on the CPU with the "eager" backend (a check that the path runs, not a timing)."""
+    from transformers import CompileConfig
+
+    if device.startswith("cuda"):
+        config = CompileConfig(backend="inductor", mode="reduce-overhead")
+    else:
+        config = CompileConfig(backend="eager", mode=None)
+        config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    return dict(cache_implementation="static", compile_config=config)
 
 
 @torch.no_grad()
@@ -101,13 +120,13 @@ def check(args, device: str) -> bool:
     return ok
 
 
-def time_generate(model, ids, args, device: str) -> tuple[float, torch.Tensor]:
-    out = greedy(model, ids, args.new_tokens)  # warm-up (allocator, kernels)
+def time_generate(model, ids, args, device: str, **generate_options) -> tuple[float, torch.Tensor]:
+    out = greedy(model, ids, args.new_tokens, **generate_options)  # warm-up (allocator, kernels; compiles)
     best = float("inf")
     for _ in range(args.rounds):
         sync(device)
         t = time.perf_counter()
-        out = greedy(model, ids, args.new_tokens)
+        out = greedy(model, ids, args.new_tokens, **generate_options)
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best * 1e3 / args.new_tokens, out
@@ -203,6 +222,8 @@ def main() -> int:
     p.add_argument("--rtol", type=float, default=1e-3)
     p.add_argument("--bf16-rtol", type=float, default=0.1)
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--compiled", action="store_true",
+                   help="add the static-cache compiled (CUDA graphs) pair: base and ours unmerged")
     p.add_argument("--overhead", action="store_true", help="only the host cost per adapted layer (see above)")
     p.add_argument("--overhead-features", type=int, default=64)
     p.add_argument("--overhead-calls", type=int, default=2000)
@@ -234,30 +255,37 @@ def main() -> int:
           f"{args.prompt}, {args.new_tokens} new tokens, best of {args.rounds} rounds, LoRA r={args.r} on all "
           f"{len(ll.adapters(ours))} linear layers")
 
+    compiled = "static cache, compiled"
+    variants = [
+        ("base", base, None, {}),
+        ("PEFT unmerged", peft, None, {}),
+        ("ours unmerged", ours, None, {}),
+        ("ours merged", ours, lambda: ll.merge(ours), {}),
+        ("PEFT merged", peft, lambda: peft.merge_adapter(), {}),
+    ]
+    if args.compiled:
+        variants += [(f"base, {compiled}", base, None, static_compiled(device)),
+                     (f"ours unmerged, {compiled}", ours, lambda: ll.unmerge(ours), static_compiled(device))]
     rows: list[tuple[str, float, torch.Tensor]] = []
-    for name, model, prepare in [
-        ("base", base, None),
-        ("PEFT unmerged", peft, None),
-        ("ours unmerged", ours, None),
-        ("ours merged", ours, lambda: ll.merge(ours)),
-        ("PEFT merged", peft, lambda: peft.merge_adapter()),
-    ]:
+    for name, model, prepare, options in variants:
         if prepare is not None:
             prepare()
-        ms, tokens = time_generate(model, ids, args, device)
+        ms, tokens = time_generate(model, ids, args, device, **options)
         rows.append((name, ms, tokens))
         print(f"{name}: {ms:.2f} ms/token", flush=True)
 
-    reference = {name: tokens for name, _, tokens in rows}
-    base_ms = rows[0][1]
+    reference = {name: (ms, tokens) for name, ms, tokens in rows}
     card = device_name(device)
+    twins = {"ours unmerged": "PEFT unmerged", "ours merged": "PEFT merged", "PEFT merged": "PEFT unmerged",
+             f"base, {compiled}": "base", f"ours unmerged, {compiled}": "ours unmerged"}
     print("\n| variant | device | ms/token (best of %d) | vs base | greedy tokens equal to |" % args.rounds)
     print("| --- | --- | ---: | ---: | --- |")
     for name, ms, tokens in rows:
-        twin = {"ours unmerged": "PEFT unmerged", "ours merged": "PEFT merged", "PEFT merged": "PEFT unmerged"}.get(name)
+        base_name = f"base, {compiled}" if name.endswith(compiled) else "base"  # compiled rows: vs the compiled base
+        twin = twins.get(name)
         equal = "—" if twin is None else (
-            f"{twin}: {(tokens == reference[twin]).float().mean().item() * 100:.0f}% of positions")
-        print(f"| {name} | {card} | {ms:.2f} | {ms / base_ms:.2f}x | {equal} |")
+            f"{twin}: {(tokens == reference[twin][1]).float().mean().item() * 100:.0f}% of positions")
+        print(f"| {name} | {card} | {ms:.2f} | {ms / reference[base_name][0]:.2f}x vs {base_name} | {equal} |")
     print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
