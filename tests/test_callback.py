@@ -263,7 +263,7 @@ def test_a_loaded_adapter_trains_with_matching_options_only(tmp_path: Path) -> N
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])  # FSDP2: tests/test_fsdp.py
+@pytest.mark.parametrize("strategy", ["FSDPStrategy"])  # FSDP2: tests/test_fsdp.py; DeepSpeed: tests/test_deepspeed.py
 def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) -> None:
     from lightning_lora.callbacks._lightning import unsupported_strategy
 

@@ -15,7 +15,7 @@ from lightning_utilities.core.overrides import is_overridden as _is_overridden
 from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn  # shared by both packages
 
 __all__ = ["PACKAGES", "CALLBACK_BASES", "CHECKPOINT_IO_BASES", "is_overridden", "is_torch_checkpoint_io",
-           "unsupported_strategy", "is_model_parallel", "rank_zero_info", "rank_zero_warn"]
+           "unsupported_strategy", "is_model_parallel", "is_deepspeed", "rank_zero_info", "rank_zero_warn"]
 
 
 def _import(name: str) -> Optional[ModuleType]:
@@ -61,9 +61,15 @@ def _strategy_name(strategy: Any, names: tuple[str, ...]) -> Optional[str]:
 
 
 def unsupported_strategy(strategy: Any) -> Optional[str]:
-    """The class name of ``strategy`` if the callback does not support it (FSDP1's ``FSDPStrategy``, DeepSpeed), else
-    None. ``ModelParallelStrategy`` (FSDP2) is supported: see ``is_model_parallel``."""
-    return _strategy_name(strategy, ("FSDPStrategy", "DeepSpeedStrategy"))
+    """The class name of ``strategy`` if the callback does not support it (FSDP1's ``FSDPStrategy``), else None.
+    ``ModelParallelStrategy`` (FSDP2) and ``DeepSpeedStrategy`` are supported: see ``is_model_parallel``,
+    ``is_deepspeed``."""
+    return _strategy_name(strategy, ("FSDPStrategy",))
+
+
+def is_deepspeed(strategy: Any) -> bool:
+    """Whether ``strategy`` is Lightning's ``DeepSpeedStrategy``, of either package."""
+    return _strategy_name(strategy, ("DeepSpeedStrategy",)) is not None
 
 
 def is_model_parallel(strategy: Any) -> bool:

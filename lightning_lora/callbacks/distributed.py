@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lightning_lora import distributed
-from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.config import ConfigError
 
 _UNSUPPORTED = {
     "FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors would share flat "
                     "parameters",
-    "DeepSpeedStrategy": "ZeRO partitions the adapter too, and its checkpoints and exports would need "
-                         "GatheredParameters (untested: Lightning's DeepSpeed runs on CUDA only)",
 }
 _METHODS = ("lightning_module_state_dict", "optimizer_state", "save_checkpoint", "load_checkpoint")
-FSDP2_METHODS = ("lora", "dora")  # tested under FSDP2 against one process (tests/test_fsdp.py); others are refused
 
 
 def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], check: Callable[[dict], None],
@@ -94,21 +91,22 @@ def tensor_parallel_size(strategy: Any) -> int:
 
 
 def check_strategy(unsupported: Optional[str]) -> None:
-    """Refuse the strategy ``_lightning.unsupported_strategy`` named (FSDP1, DeepSpeed), saying why and what to use."""
+    """Refuse the strategy ``_lightning.unsupported_strategy`` named (FSDP1), saying why and what to use."""
     if unsupported is not None:
         raise ConfigError(
             f"LoRACallback does not support {unsupported} yet ({_UNSUPPORTED[unsupported]}). Use strategy='ddp' "
             "(adapters are small, so plain data parallelism fits wherever the base model fits on one device), or, to "
             "shard the base, ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1) with FSDP2 "
-            "applied in configure_model (lightning_lora.distributed.shard_model)."
+            "applied in configure_model (lightning_lora.distributed.shard_model), or strategy='deepspeed_stage_2'/'_3'."
         )
 
 
-def check_fsdp2(strategy: Any, world_size: int, precision: str, configs: dict[str, AdapterConfig], named: bool,
-                merge_options: dict[str, Any], quantize: Any) -> None:
+def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: dict[str, Any], quantize: Any,
+                adapter_key: Optional[str] = None) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``ModelParallelStrategy``:
-    tensor parallelism, untested methods or several named adapters (``configs``, ``named``), a merge target other than
-    dequantized, a true-half cast of a quantized base, and packed int4."""
+    tensor parallelism, per-example adapters (``adapter_key``), a merge target other than dequantized, a true-half
+    cast of a quantized base, and packed int4. Every method, and several named adapters, train under FSDP2 with
+    adapters sharded or replicated (tests/test_fsdp.py)."""
     tp = tensor_parallel_size(strategy)
     if tp != 1:
         raise ConfigError(
@@ -116,13 +114,12 @@ def check_fsdp2(strategy: Any, world_size: int, precision: str, configs: dict[st
             f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={world_size}, "
             "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
         )
-    methods = sorted({c.method for c in configs.values()})
-    untested = [m for m in methods if m not in FSDP2_METHODS] + (["several named adapters"] if named else [])
-    if untested:
+    if adapter_key is not None:
         raise ConfigError(
-            f"LoRACallback under ModelParallelStrategy (FSDP2) supports {', '.join(FSDP2_METHODS)} with one "
-            f"adapter (what is tested against one process); not {', '.join(untested)} yet. Train it with "
-            "strategy='ddp' instead."
+            f"LoRACallback(adapter_key={adapter_key!r}) is not supported under ModelParallelStrategy (FSDP2): "
+            "per-example routing keeps each layer's adapter tensors from before the forward, and FSDP2 swaps in "
+            "gathered ones inside each block's forward. Train the named adapters without adapter_key (all active), or "
+            "with strategy='ddp'."
         )
     if merge_options.get("merge_target", "dequantized") != "dequantized":
         raise ConfigError(

@@ -363,8 +363,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Under ModelParallelStrategy the user's configure_model shards the model, so the adapters go in now, before
         it (every rank then shards the adapted tree), and checkpoints become adapter-only (callbacks/distributed.py)."""
         fsdp2.check_fsdp2(trainer.strategy, trainer.world_size, str(getattr(trainer.precision_plugin, "precision", "")),
-                          self.named_configs or {"": self.config}, bool(self.named_configs), self.merge_options,
-                          self.quantize)
+                          self.merge_options, self.quantize, self.adapter_key)
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:

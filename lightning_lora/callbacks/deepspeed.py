@@ -1,0 +1,146 @@
+"""``LoRACallback`` under Lightning's ``DeepSpeedStrategy`` (ZeRO stages 2 and 3): adapter-only checkpoints.
+
+Lightning's DeepSpeed strategy writes DeepSpeed's own checkpoint directory: the module's state dict (the whole frozen
+base under stage 2; under stage 3 empty placeholders of every partitioned tensor, adapters included: peft #2892) and
+each rank's ZeRO partitions, which resume only on the same world size. With a frozen base the checkpoint should hold
+the adapter and its optimizer state only, so ``use_adapter_checkpoints`` replaces, on the strategy *instance* (never
+its class; ``remove_adapter_checkpoints`` takes them off in ``teardown``):
+
+- ``_setup_model_and_optimizer`` (where Lightning calls ``deepspeed.initialize``): the frozen parameters leave the
+  optimizer's groups first, so ZeRO flattens and partitions the adapter only, and the groups are recorded (one
+  process's parameter order, for the optimizer state);
+- ``lightning_module_state_dict`` / ``optimizer_state``: whole float32 adapter tensors and Adam state, one tensor at a
+  time, in one process's layout (``lightning_lora.deepspeed_io``);
+- ``save_checkpoint``: one ``.ckpt`` file written by rank zero through the strategy's ``checkpoint_io`` (the callback's
+  ``AdapterCheckpointIO``: atomic, trimmed), then ``after_save`` on every rank (the export of that step, a collective);
+- ``load_checkpoint``: such a file from any world size or strategy, checked, then copied into the partitions and the
+  ZeRO optimizer (DeepSpeed reads the checkpoint after ``deepspeed.initialize``: ``restore_checkpoint_after_setup``);
+  ``load_model_state_dict``: nothing left to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from lightning_lora import deepspeed_io
+from lightning_lora.config import AdapterConfig, ConfigError
+
+DEEPSPEED_METHODS = ("lora", "dora")  # tested under ZeRO-2/3 against one process (tests/test_deepspeed.py)
+_METHODS = ("_setup_model_and_optimizer", "lightning_module_state_dict", "optimizer_state", "save_checkpoint",
+            "load_checkpoint", "load_model_state_dict")
+
+
+def zero_stage(strategy: Any) -> int:
+    """The ZeRO stage of a ``DeepSpeedStrategy`` (0 when its config has no ``zero_optimization``)."""
+    config = getattr(strategy, "config", None) or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: bool, quantize: Any,
+                    compile_enabled: Optional[bool], loraplus: bool) -> None:
+    """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``."""
+    stage = zero_stage(strategy)
+    fix = "Use strategy='ddp', or ModelParallelStrategy with FSDP2 (lightning_lora.distributed.shard_model)"
+    if stage not in (2, 3):
+        raise ConfigError(
+            f"LoRACallback under DeepSpeedStrategy supports ZeRO stages 2 and 3 (strategy='deepspeed_stage_2' or "
+            f"'deepspeed_stage_3'), not stage {stage}: stages 0-1 are not tested here. {fix}."
+        )
+    methods = sorted({c.method for c in configs.values()})
+    untested = [m for m in methods if m not in DEEPSPEED_METHODS] + (["several named adapters"] if named else [])
+    if untested:
+        raise ConfigError(
+            f"LoRACallback under DeepSpeedStrategy supports {', '.join(DEEPSPEED_METHODS)} with one adapter (what is "
+            f"tested against one process); not {', '.join(untested)} yet. {fix}."
+        )
+    if quantize is not None:
+        raise ConfigError(
+            f"LoRACallback(quantize={quantize.format!r}) under DeepSpeedStrategy: ZeRO flattens, casts and broadcasts "
+            "parameters as plain tensors, which a quantized base (a torchao tensor subclass) is not. Train a quantized "
+            "base with strategy='ddp', or with ModelParallelStrategy (FSDP2 shards torchao's NF4)."
+        )
+    if compile_enabled:
+        raise ConfigError(
+            "LoRACallback(compile=...) under DeepSpeedStrategy: the regional compile is not tested under ZeRO (stage "
+            "3 gathers each parameter in hooks around every module). Drop compile= (it is off under DeepSpeed), or "
+            "use strategy='ddp'."
+        )
+    if loraplus:
+        raise ConfigError(
+            "LoRACallback(loraplus_lr_ratio=...) under DeepSpeedStrategy: LoRA+ splits the optimizer's parameter groups "
+            "after the optimizer exists, and ZeRO has flattened them by then. Put lora_B in its own parameter group with "
+            "the higher learning rate in configure_optimizers, or use strategy='ddp'."
+        )
+
+
+def refuse_late_model(err: ConfigError) -> ConfigError:
+    """The injection failed because the model does not exist yet, under ZeRO-3 (where ``configure_model`` runs
+    inside ``deepspeed.zero.Init``, which partitions each parameter as it is created)."""
+    return ConfigError(
+        f"{err} Under DeepSpeed ZeRO stage 3 the adapters are injected before configure_model, which runs inside "
+        "deepspeed.zero.Init (it partitions every parameter created there, so an adapter built later could not be "
+        "initialized or targeted): build the model in __init__, or use strategy='deepspeed_stage_2'."
+    )
+
+
+def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], check: Callable[[dict], None],
+                            after_save: Callable[[], None]) -> None:
+    """Make ``strategy`` (a ``DeepSpeedStrategy``) train only the adapter and save and load adapter-only checkpoints
+    (module docstring). ``frozen_keys()``: the LightningModule's state keys left out; ``check(checkpoint)`` refuses
+    a checkpoint of another adapter before anything is loaded; ``after_save()`` runs on every rank once the file is
+    written."""
+    groups: list[list[nn.Parameter]] = []  # the optimizer's trainable parameters, as one process numbers them
+    options: list[dict[str, Any]] = []  # its live group dicts (learning rates a scheduler changes)
+    setup = strategy._setup_model_and_optimizer
+
+    def setup_model_and_optimizer(model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if p.requires_grad]
+            groups[:] = [list(group["params"]) for group in optimizer.param_groups]
+            options[:] = list(optimizer.param_groups)
+        return setup(model, optimizer, lr_scheduler)
+
+    def lightning_module_state_dict() -> dict[str, Any]:
+        return deepspeed_io.trainable_state(strategy.lightning_module, frozen_keys())
+
+    def optimizer_state(optimizer: Any) -> dict[str, Any]:
+        return deepspeed_io.optimizer_state(getattr(optimizer, "_optimizer", optimizer), groups, options)
+
+    def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        path = strategy.broadcast(filepath)
+        if strategy.is_global_zero:
+            strategy.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        strategy.barrier("lightning_lora_checkpoint")
+        after_save()
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(strategy.broadcast(checkpoint_path))
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a DeepSpeed checkpoint directory; LoRACallback writes and resumes adapter-only checkpoints, "
+                "one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or load the adapter "
+                "with lightning_lora.load_adapter and start a new fit."
+            )
+        checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        check(checkpoint)
+        deepspeed_io.load_trainable(strategy.lightning_module, checkpoint["state_dict"])
+        states = checkpoint.get("optimizer_states") or []
+        if states and strategy.optimizers and groups:  # fitting: the ZeRO optimizer exists (restore after setup)
+            deepspeed_io.load_optimizer_state(strategy.optimizers[0], groups, options, states[0])
+        return checkpoint
+
+    def load_model_state_dict(checkpoint: Any, strict: bool = True) -> None:
+        pass  # load_checkpoint has copied the adapter in
+
+    for name, method in zip(_METHODS, (setup_model_and_optimizer, lightning_module_state_dict, optimizer_state,
+                                       save_checkpoint, load_checkpoint, load_model_state_dict)):
+        strategy.__dict__[name] = method
+
+
+def remove_adapter_checkpoints(strategy: Any) -> None:
+    for name in _METHODS:
+        strategy.__dict__.pop(name, None)

@@ -1,0 +1,236 @@
+"""Adapters under DeepSpeed ZeRO (stages 2 and 3): whole adapter tensors and optimizer state in one process's layout.
+
+ZeRO keeps each trainable tensor's float32 master copy and Adam state as slices of flat per-rank partitions, and
+stage 3 also partitions the module's parameters (``param.data`` is empty on every rank, so a plain ``state_dict()``
+holds empty adapter tensors: peft #2892). Everything here reads or writes whole tensors through DeepSpeed's public
+per-parameter API (``deepspeed.utils.safe_get_full_fp32_param`` and friends, ``deepspeed.zero.GatheredParameters``),
+one tensor at a time, adapter tensors only, so that a checkpoint or an export never gathers the frozen base:
+
+- ``trainable_state`` / ``optimizer_state``: what a checkpoint holds, exactly what one process's optimizer would
+  (float32 masters; Adam's ``exp_avg``/``exp_avg_sq`` per parameter, indexed as one process numbers them), so a run
+  resumes on any world size and strategy; ``load_trainable`` / ``load_optimizer_state`` put them back;
+- ``gathered_export``: the whole float32 adapters lent to the module for an export, and ``merged_tensors``, the
+  merged state dict with each base tensor gathered on its own (stage 3), merged in float32 and handed over.
+
+Every function is a collective (DeepSpeed all-reduces or all-gathers for each tensor): all ranks call it, in the
+same order. deepspeed is imported lazily; no Lightning here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+
+def is_partitioned(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ZeRO-3 parameter (its data lives in per-rank partitions)."""
+    return hasattr(tensor, "ds_id")
+
+
+def full_shape(tensor: Tensor) -> torch.Size:
+    """``tensor``'s shape, whole (a ZeRO-3 parameter's own ``shape`` is its empty placeholder's)."""
+    return tensor.ds_shape if is_partitioned(tensor) else tensor.shape
+
+
+def _gathered(params: Iterable[Tensor], modifier_rank: Optional[int] = None) -> Any:
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def _master(param: Tensor) -> Optional[Tensor]:
+    """The whole float32 master copy of a parameter the ZeRO optimizer holds, else None."""
+    if not (hasattr(param, "_hp_mapping") or is_partitioned(param)) or not param.requires_grad:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+def whole(param: Tensor) -> Tensor:
+    """``param`` whole: its float32 master if the optimizer holds it, else gathered (stage 3) or as it is."""
+    master = _master(param)
+    if master is not None:
+        return master.detach().reshape(full_shape(param))
+    with _gathered([param]):
+        return param.detach().clone()
+
+
+def state_shapes(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s state dict with each ZeRO-3 parameter as an empty meta tensor of its full shape (to compare
+    shapes and keys without gathering)."""
+    return {k: torch.empty(v.ds_shape, device="meta") if is_partitioned(v) else v
+            for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def trainable_state(module: nn.Module, frozen: set[str]) -> dict[str, Tensor]:
+    """``module``'s state dict without the ``frozen`` keys, each tensor whole and on the CPU (float32 masters)."""
+    return {k: whole(v).cpu() for k, v in module.state_dict(keep_vars=True).items() if k not in frozen}
+
+
+def load_trainable(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy whole tensors (keys as ``trainable_state`` writes them) into ``module``: the parameter each rank computes
+    with (its partition, stage 3) and the optimizer's float32 master."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    own = module.state_dict(keep_vars=True)
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"load_trainable: {unknown[:5]} are not in {type(module).__name__}'s state dict")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = own[key]
+            if _master(target) is not None:  # a collective: every rank, in the same order
+                safe_set_full_fp32_param(target, value.to(target.device, torch.float32))
+            with _gathered([target], modifier_rank=0):  # rank zero's copy is scattered back into the partitions
+                target.data.copy_(value.to(target.device, target.dtype).reshape(target.shape))
+
+
+def flat_partitions(zero_optimizer: Any) -> list[Tensor]:
+    """This rank's flat float32 partitions, the tensors the wrapped torch optimizer steps and keys its state by
+    (ZeRO-3 empties the wrapped optimizer's groups between steps, so they are read from ZeRO's own lists)."""
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # stage 3, stages 1-2
+        flats = getattr(zero_optimizer, name, None)
+        if flats is not None:
+            return list(flats)
+    return [p for group in zero_optimizer.optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group_options: list[dict[str, Any]]
+                    ) -> dict[str, Any]:
+    """The ZeRO optimizer's state as the wrapped torch optimizer holds it in one process: ``groups`` are its
+    parameter groups (trainable parameters, in order) and ``group_options`` their live option dicts."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    inner = zero_optimizer.optimizer.state
+    flats = [f for f in flat_partitions(zero_optimizer) if inner.get(f)]
+    state: dict[int, dict[str, Any]] = {}
+    if flats:  # torch optimizers create their state at the first step
+        first = inner[flats[0]]
+        per_element = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0].shape)
+        for index, param in enumerate(p for group in groups for p in group):
+            # each its own copy: torch optimizers step a parameter's "step" tensor in place
+            entry = {k: v.clone() if torch.is_tensor(v) else v for k, v in first.items() if k not in per_element}
+            for key in per_element:
+                value = safe_get_full_optimizer_state(param, key)
+                entry[key] = value.reshape(full_shape(param)).cpu()
+            state[index] = dict(sorted(entry.items()))
+    param_groups, start = [], 0
+    for params, options in zip(groups, group_options):
+        param_groups.append({**{k: v for k, v in options.items() if k != "params"},
+                             "params": list(range(start, start + len(params)))})
+        start += len(params)
+    return {"state": state, "param_groups": param_groups}
+
+
+def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group_options: list[dict[str, Any]],
+                         state: dict[str, Any]) -> None:
+    """Load a state ``optimizer_state`` (or one process's torch optimizer) wrote into the ZeRO optimizer: its group
+    options, the scalar state (``step``) of each flat partition, and each parameter's slices of the rest."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    params = [p for group in groups for p in group]
+    saved = {int(k): v for k, v in state["state"].items()}
+    if len(state["param_groups"]) != len(groups) or sum(len(g["params"]) for g in state["param_groups"]) != len(params):
+        raise ValueError(f"The checkpoint's optimizer has {len(state['param_groups'])} parameter groups of "
+                         f"{[len(g['params']) for g in state['param_groups']]} tensors; this one "
+                         f"{[len(g) for g in groups]}. Resume with the same configure_optimizers.")
+    for options, saved_group in zip(group_options, state["param_groups"]):
+        options.update({k: v for k, v in saved_group.items() if k != "params"})
+    if not saved:
+        return
+    first = saved[min(saved)]
+    per_element = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == full_shape(params[min(saved)])
+                   and v.dim() > 0]
+    inner = zero_optimizer.optimizer.state
+    for flat in flat_partitions(zero_optimizer):  # as the optimizer's first step would create it
+        entry = inner[flat]
+        for key, value in first.items():
+            if key not in per_element:
+                entry[key] = value.clone() if torch.is_tensor(value) else value
+        for key in per_element:
+            if key not in entry:
+                entry[key] = torch.zeros_like(flat)
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # stages 1-2 point each parameter at its slices of the state once it exists
+        zero_optimizer._hp_optimizer_states_linked = False
+        link()
+    for index, param in enumerate(params):
+        for key in per_element:
+            value = saved[index][key]
+            safe_set_full_optimizer_state(param, value.to(flat.device, torch.float32), key)
+
+
+@contextlib.contextmanager
+def gathered_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s adapter parameters are whole float32 tensors (the optimizer's masters) on every
+    rank, so ``save_adapter`` and the merge code read them as in one process; the ZeRO ones are put back on exit."""
+    from .surgery import adapters
+
+    swapped: list[tuple[nn.Module, str, Tensor]] = []
+    try:
+        for adapter in adapters(model).values():
+            for key, tensor in adapter.adapter_tensors().items():  # never the base weight an AdaptedLayer holds
+                path, _, name = key.rpartition(".")
+                owner = adapter.get_submodule(path) if path else adapter
+                if name not in owner._parameters:
+                    continue  # buffers are whole on every rank
+                value = whole(tensor)
+                swapped.append((owner, name, tensor))
+                owner._parameters[name] = nn.Parameter(value, requires_grad=False)
+        yield model
+    finally:
+        for owner, name, tensor in reversed(swapped):
+            owner._parameters[name] = tensor
+
+
+def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(key, tensor)`` of ``model``'s merged state dict, one tensor at a time, whole, on the CPU, in the base state
+    dict's order (``sharded_export.merged_tensors`` for ZeRO: each stage-3 base tensor is gathered alone). Adapters
+    must be whole meanwhile (``gathered_adapters``). A collective: every rank iterates it to the end."""
+    from .methods.base import AdaptedLayer, MergeError, dense
+    from .sharded_export import _merged
+    from .surgery import adapters, base_state_dict, weight_adapters
+
+    layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
+              if isinstance(layer, AdaptedLayer)}
+    weight_adapters(model, "merge")  # refuses inserted and tied adapters up front
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(param), name)
+    tied = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
+    own = model.state_dict(keep_vars=True)
+    for key in base_state_dict(model):
+        if key in tied:
+            continue
+        tensor = own[key]
+        with _gathered([tensor]):
+            value = dense(tensor.detach())
+            layer = layers.get(key)
+            if layer is not None:
+                value = _merged(layer, value)
+                if not torch.isfinite(value).all():
+                    raise MergeError(f"Merging {key.removesuffix('.weight')} gives inf/NaN; the adapter has "
+                                     "diverged, so no merged model was written.")
+            value = value.cpu().clone()
+        yield key, value
+
+
+@contextlib.contextmanager
+def gathered_export(model: nn.Module, merged: bool) -> Iterator[Optional[Iterable[tuple[str, Tensor]]]]:
+    """Collective, on every rank: whole adapters (``gathered_adapters``) and, with ``merged``, the ``merged_tensors``
+    iterator rank zero writes the merged export from, run to its end on leaving so every rank finishes its gathers."""
+    from .sharded_export import drain
+
+    with gathered_adapters(model):
+        tensors = merged_tensors(model) if merged else None
+        try:
+            yield tensors
+        finally:
+            drain(tensors)

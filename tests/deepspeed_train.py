@@ -1,0 +1,116 @@
+"""Trains a tiny Llama's LoRA/DoRA adapter under Lightning's DeepSpeedStrategy (ZeRO 2 or 3), or one process, and
+exports it; run by tests/test_deepspeed.py (CPU, gloo) and benchmarks/check_deepspeed.py (2 GPUs, NCCL).
+
+Lightning 2.6.6 runs DeepSpeed on CUDA only; ``CPUDeepSpeedStrategy`` lifts exactly the three CUDA assumptions (the
+accelerator check, the CUDA device-index check, ``root_device.index`` as DeepSpeed's device rank) so the same ZeRO code
+runs in CPU processes (DeepSpeed's CPU accelerator, gloo). ZeRO-3 keeps tensors under
+``stage3_param_persistence_threshold`` elements whole; it is 0 here, so every tiny tensor is partitioned. The run
+writes ``facts.json`` (rank zero): what ZeRO holds, checked by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if "gpu" in sys.argv else "cpu")  # before deepspeed is imported
+
+import pytorch_lightning as pl  # noqa: E402
+from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa: E402
+
+import lightning_lora as ll  # noqa: E402
+from lightning_lora.deepspeed_io import flat_partitions  # noqa: E402
+from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
+
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """``DeepSpeedStrategy`` in CPU processes (for tests): Lightning's three CUDA-only steps replaced, nothing else."""
+
+    def setup_environment(self) -> None:  # Lightning refuses a non-CUDA accelerator here
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:  # without the CUDA device-index validation
+        from lightning_fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):  # device_rank: root_device.index is None
+        import deepspeed
+
+        engine, zero_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, zero_optimizer
+
+
+class Facts(pl.Callback):
+    """Rank zero writes what ZeRO holds once training starts: how many parameters are partitioned (stage 3), and
+    how many elements the ZeRO optimizer holds per rank against the adapter's size (only the adapter reaches it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(trainer.strategy, DeepSpeedStrategy):
+            return
+        params = list(pl_module.parameters())
+        zero_optimizer = trainer.optimizers[0]
+        facts = {
+            "world_size": trainer.world_size,
+            "params": len(params),
+            "partitioned": sum(hasattr(p, "ds_id") and p.numel() < p.ds_numel for p in params),
+            "adapter_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad),
+            "base_numel": sum(getattr(p, "ds_numel", p.numel()) for p in params if not p.requires_grad),
+            "optimizer_numel": sum(p.numel() for p in flat_partitions(zero_optimizer)),
+        }
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(facts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage", type=int, default=0, help="ZeRO stage (2 or 3); 0: no DeepSpeed (one process)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
+    parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
+    args = parser.parse_args()
+    pl.seed_everything(0)
+    callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
+                               export_merged=args.export_merged, export_on_checkpoint=True)
+    checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
+    strategy: object = "auto"
+    if args.stage:
+        if args.accelerator == "cpu":
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__ = {}  # no JIT-built op (its shared-memory all-reduce needs a compiler)
+        cls = CPUDeepSpeedStrategy if args.accelerator == "cpu" else DeepSpeedStrategy
+        strategy = cls(stage=args.stage, process_group_backend="gloo" if args.accelerator == "cpu" else None)
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_epochs=2,
+                         max_steps=args.max_steps, logger=False, enable_progress_bar=False, precision="32-true",
+                         enable_model_summary=False, default_root_dir=args.out, limit_val_batches=0,
+                         callbacks=[callback, checkpoint, Facts(args.out / "facts.json")],
+                         use_distributed_sampler=False)
+    trainer.fit(TinyLlamaModule(lr=args.lr), TokensDataModule(count=32, batch_size=args.batch_size),
+                ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()
