@@ -16,9 +16,51 @@ rank before FSDP2 shards it, which --setup-peak reports separately), and the sca
 tokens/s(2 GPUs) / (2 * tokens/s(1 GPU)) against the single-GPU row of the same run and shape.
 
 FSDP2 notes: the model's configure_model calls ``lightning_lora.distributed.shard_model`` (fully_shard per decoder
-layer, then the root). With a bf16 base the default is adapters="replicated" (FSDP2 all-gathers one dtype per unit,
-so fp32 adapters inside a bf16 unit need a MixedPrecisionPolicy; --fsdp2-adapters sharded uses
-param_dtype=bf16/reduce_dtype=fp32 for that).
+layer, then the untied input and output embeddings as their own units, then the root). With a bf16 base the default
+is adapters="replicated" (FSDP2 all-gathers one dtype per unit, so fp32 adapters inside a bf16 unit need a
+MixedPrecisionPolicy; --fsdp2-adapters sharded uses param_dtype=bf16/reduce_dtype=fp32 for that).
+
+Every row runs what a ``LoRACallback`` user gets by default: on CUDA the callback compiles each decoder layer and the
+transformers loss (``lightning_lora.plugins.compile.compile_regions``); ``--compile off`` times eager rows. The 1-GPU
+row and the multi-GPU rows share everything but the strategy (same per-rank batch), so the peak ratio is fair.
+Memory per rank is reported by phase (resident at train start, after forward = resident + what forward saved for
+backward, forward / backward / optimizer-step peaks, the last timed step's).
+
+Where the per-rank peak of the 8B NF4 row goes (Llama-3.1-8B shapes, batch 2 x 2048, gradient checkpointing, LoRA r16
+on 7 projections, fp32 adapters, AdamW; GiB = 2**30 bytes; 4,096 tokens a rank):
+
+    NF4 projections  32 layers x 218.1M weights x 0.5157 B (codes 0.5, int8 scale per 64, bf16 factor per 64x256)  3.35
+    embed_tokens     128,256 x 4,096 bf16 (untied at 8B)                                                          0.98
+    lm_head          128,256 x 4,096 bf16                                                                         0.98
+    LoRA A/B fp32    32 x 1.31M = 41.9M x 4 B (their gradients the same again, 0.16, during backward)             0.16
+    AdamW state      2 x fp32 per adapter weight                                                                  0.31
+      resident (1 GPU): 5.47 at train start (measured "setup" 5.5) + AdamW 0.31 = 5.78
+    checkpointed layer inputs  32 x 4,096 x 4,096 x bf16 = 32 x 32 MiB                                            1.00
+    loss, eager (transformers): bf16 logits 4,096 x 128,256 (0.98), their fp32 copy (1.96), log_softmax's fp32
+      output saved for backward (1.96); in backward: the saved output + nll's and log_softmax's fp32 gradients     5.87
+    loss, compiled (the callback's loss compile): the bf16 logits kept for backward + their bf16 gradient          1.96
+    one layer's recompute + backward: its forward saves 0.77, its backward holds 1.02 at most (eager, fake
+      tensors: benchmarks/layer_memory.py), + one dequantized NF4 weight 0.11                                    ~1.1
+
+    1 GPU eager: 5.78 + 1.00 + 5.87 (at the loss's backward) + 0.06 (final norm)                  = 12.7 (measured 12.8)
+    FSDP2 x2 eager, before: shards (3.35 + 1.96) / 2 = 2.65, replicated adapters + AdamW 0.47, embed_tokens +
+      lm_head whole all step 1.96 (they sat in the root unit, which FSDP2 never reshards after forward),
+      1.00 + 5.87, ~0.2 of gathered NF4 layers                                                    = 12.2 (measured 12.2)
+    FSDP2 x2 eager, embeddings as own units: 2.65 + 0.47 + 1.00 + 5.87 + 0.2                      = 10.2 (0.80x)
+    1 GPU compiled: 5.78 + 1.00 + 1.96 + 0.06                                                      =  8.8
+      (its backward through the last layer: 5.78 + 0.16 gradients + 1.00 + 1.1 = 8.0, below that)
+    FSDP2 x2 compiled: 2.65 + 0.47 + 1.00 + at lm_head's backward: its bf16 logit gradient 0.98 + its weight
+      gathered 0.98 + the all-gather's input copy of the shard 0.49 (2.45 > the loss's 1.96) + 0.06 =  6.6 (0.75x)
+
+FSDP2 shards only what is resident (5.31 of NF4 weights and embeddings at 8B); per-rank activations, the logits and
+one gathered unit (lm_head, 1.47 with its all-gather input) are not sharded by data parallelism. With S the shardable
+bytes, A the rest of the peak, the ratio at N ranks is (S/N + A) / (S + A); at N = 2 it is <= 0.6 only if
+A <= S/4 = 1.3, while the checkpointed inputs alone are 1.0 and the loss/lm_head phase 2.0-2.5. So <= 60% at 2 GPUs
+and 2 x 2048 a rank is out of reach for data parallelism alone (even a vocabulary-parallel chunked loss, CPU-offloaded
+checkpoints and sharded adapter state leave one layer's recompute + the gathers, ~61%); at 4 GPUs the compiled row
+is predicted at 1.33 + 0.47 + 1.00 + 0.98 + 0.98 + 0.25 + 0.06 = 5.1 (0.57x), at 8 GPUs 4.3 (0.49x).
+A chunked fused cross-entropy (benchmarks/_memory_options.py) helps the 1-GPU row more than FSDP2's (FSDP2 still
+gathers lm_head for it), so it lowers both peaks but raises the ratio (predicted 7.8 vs 6.3: 0.81x); not used here.
 
     python benchmarks/bench_distributed.py                          # all rows, 1b and 8b, bf16 and nf4 (2 GPUs)
     python benchmarks/bench_distributed.py --shapes 8b --bases nf4  # one block of rows
@@ -30,12 +72,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -54,7 +98,8 @@ SHAPES = {
 # per-GPU batch, sequence length and activation checkpointing per shape (the 8B settings of bench_qlora)
 RUN = {"1b": dict(batch=8, seq=1024, grad_ckpt=False), "8b": dict(batch=2, seq=2048, grad_ckpt=True),
        "70b": dict(batch=1, seq=2048, grad_ckpt=True),
-       "tiny": dict(batch=2, seq=64, grad_ckpt=False)}
+       "tiny": dict(batch=2, seq=64, grad_ckpt=True)}  # tiny: the 8B path (checkpointing) at smoke size
+COMPILE = {"auto": None, "on": True, "off": False}  # --compile -> LoRACallback(compile=); auto: on with CUDA
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NF4 = {"format": "nf4"}
 
@@ -165,27 +210,55 @@ def worker(args: argparse.Namespace) -> None:
             shard_model(self.model, self.device_mesh["data_parallel"], adapters=args.fsdp2_adapters, **kwargs)
 
     class Timer(pl.Callback):
+        """Step times, and GPU memory by phase: the peak allocated memory is read and reset at each phase boundary
+        (batch start, before backward, after backward), so ``peak`` (their maximum) is the training peak and
+        ``phases`` holds the last step's forward / backward / optimizer-step peaks."""
+
         def __init__(self) -> None:
             self.times: list[float] = []
-            self.setup_peak = 0.0
+            self.setup_peak = self.resident = self.peak = 0.0
+            self.phases: dict[str, float] = {}
+            self.compiled: Optional[list] = None  # [blocks compiled, loss compiled] while training
             self._start = 0.0
 
         def _sync(self) -> None:
             if not args.cpu:
                 torch.cuda.synchronize()
 
+        def _phase(self, name: Optional[str]) -> None:
+            if args.cpu:
+                return
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peak = max(self.peak, peak)
+            if name is not None:
+                self.phases[name] = peak
+            torch.cuda.reset_peak_memory_stats()
+
         def on_train_start(self, trainer, pl_module) -> None:
+            compiled = callback._compiled  # the callback restores the eager model in teardown
+            self.compiled = [len(compiled.paths), compiled.loss_owner is not None] if compiled is not None else None
             if not args.cpu:
                 self.setup_peak = torch.cuda.max_memory_allocated() / 2**30
+                self.resident = torch.cuda.memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self._sync()
+            self._phase(None)
             self._start = time.perf_counter()
+
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            self._phase("forward_peak_gib")
+            if not args.cpu:
+                self.phases["after_forward_gib"] = torch.cuda.memory_allocated() / 2**30
+
+        def on_after_backward(self, trainer, pl_module) -> None:
+            self._phase("backward_peak_gib")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self._sync()
             self.times.append(time.perf_counter() - self._start)
+            self._phase("optimizer_peak_gib")
 
     strategy = args.strategy
     pl.seed_everything(0)
@@ -207,16 +280,21 @@ def worker(args: argparse.Namespace) -> None:
     loader = DataLoader(data, batch_size=per_rank, sampler=sampler, shuffle=False)
     timer = Timer()
     callback = ll.LoRACallback(r=args.r, alpha=2 * args.r, target_modules=PROJECTIONS, export_dir=str(args.out),
-                               export_merged=False, compile=args.compile)
+                               export_merged=False, compile=COMPILE[args.compile])
     trainer = pl.Trainer(accelerator="cpu" if args.cpu else "gpu", devices=world, strategy=lightning_strategy,
                          precision="32-true", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                          callbacks=[callback, timer], num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, loader)
+    from torch.distributed.fsdp import FSDPModule
+
     times = timer.times[args.warmup:] if not args.check else timer.times
-    peak = 0.0 if args.cpu else torch.cuda.max_memory_allocated() / 2**30
-    row = {"step_s": statistics.median(times) if times else float("nan"), "peak_gib": peak,
-           "setup_peak_gib": timer.setup_peak, "tokens_per_step": per_rank * seq * world}
+    timer._phase(None)
+    row = {"step_s": statistics.median(times) if times else float("nan"), "peak_gib": timer.peak,
+           "setup_peak_gib": timer.setup_peak, "resident_gib": timer.resident, **timer.phases,
+           "tokens_per_step": per_rank * seq * world,
+           "fsdp_units": [name or "(root)" for name, m in module.model.named_modules() if isinstance(m, FSDPModule)],
+           "compiled": timer.compiled}
     rows = [row]
     if dist.is_initialized() and world > 1:
         rows = [None] * world
@@ -270,14 +348,23 @@ def export_memory_worker(args: argparse.Namespace) -> None:
 
 
 def simulated_export_memory(args: argparse.Namespace, shape: str, base: str, worlds=(2, 4, 8)) -> list[str]:
-    """Simulated (one GPU): the model on the meta device with one real decoder layer; the layer's merged tensors are
-    computed as in the sharded export (whole weight, dequantized, merged in float32), which gives the transient peak
-    of one gathered tensor; per rank at world size N: the model's bytes / N (its shards) + that transient, or the
-    largest tensor outside the layers gathered whole (embeddings, lm_head) if larger."""
+    """Simulated: the model on the meta device with one real decoder layer (on the GPU, or the CPU with --cpu), whose
+    merged tensors go through the sharded export's own per-tensor path (``sharded_export.merged_tensors``: the whole
+    weight made dense (NF4 dequantized), merged in float32 by the layer's ``merged_weight``, handed over). Its
+    transient peak is measured: on the GPU by the allocator's peak, on the CPU by torch's ``MemTracker`` (every tensor
+    an op creates), plus the gathered copy of the largest weight in its own format (which the simulation's real layer
+    already holds, and a sharded rank would all-gather). Per rank at world size N, as in ``export_memory_worker``:
+
+        base bytes / N (its FSDP2 shards) + adapter bytes (whole on every rank for the export: replicated, or
+        gathered by ``gathered_adapters``) + max(one layer tensor's transient, the largest tensor outside the layers,
+        which is gathered whole: embed_tokens / lm_head)
+
+    and on rank zero's host one file shard of at most ``sharded_export.DEFAULT_SHARD_SIZE`` plus one tensor."""
     import torch
 
     from lightning_lora.quantize import is_quantized
-    from lightning_lora.sharded_export import merged_tensors
+    from lightning_lora.sharded_export import DEFAULT_SHARD_SIZE, merged_tensors
+    from lightning_lora.surgery import adapter_state_dict, base_state_dict
 
     device = torch.device("cpu") if args.cpu else torch.device("cuda")
     model = build_model(shape, base, device, torch.bfloat16, args.r, real_layers=1)
@@ -289,40 +376,59 @@ def simulated_export_memory(args: argparse.Namespace, shape: str, base: str, wor
             return sum(getattr(t, name).numel() * getattr(t, name).element_size() for name in names)
         return t.numel() * t.element_size()
 
-    block_bytes = sum(nbytes(t) for t in block.state_dict().values())
-    meta_bytes = {k: t.numel() * t.element_size() for k, t in model.state_dict().items()
-                  if not k.startswith("model.layers.")}
-    total = block_bytes * len(model.model.layers) + sum(meta_bytes.values())
-    if not args.cpu:
+    layers = len(model.model.layers)
+    layer_base = {k: nbytes(t) for k, t in base_state_dict(block).items()}
+    layer_adapters = sum(nbytes(t) for t in adapter_state_dict(block).values())
+    outside = {k: t.numel() * t.element_size() for k, t in base_state_dict(model).items()
+               if not k.startswith("model.layers.")}
+    base_total = sum(layer_base.values()) * layers + sum(outside.values())
+    adapters_total = layer_adapters * layers
+    merged_total = sum(t.numel() * 2 for t in base_state_dict(block).values()) * layers + sum(outside.values())
+    if args.cpu:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        tracker = MemTracker()
+        with tracker:
+            for _key, tensor in merged_tensors(block):
+                del tensor
+        peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
+        measured = peak - tracker.get_tracker_snapshot("current")[device]["Total"]  # less the layer's own tensors
+    else:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    for _ in merged_tensors(block):
-        pass
-    # + the gathered copy of the largest layer tensor, which the simulation's one real layer already holds
-    largest = max(nbytes(t) for t in block.state_dict().values())
-    transient = (torch.cuda.max_memory_allocated() - before if not args.cpu else 0) + largest
-    outside = max(meta_bytes.values())
-    lines = [f"{shape} {base} (simulated: 1 real decoder layer of {len(model.model.layers)}, the rest on meta): model "
-             f"{total / 2**30:.1f} GiB; one layer {block_bytes / 2**30:.2f} GiB; merge transient of one gathered layer "
-             f"tensor {transient / 2**30:.2f} GiB (measured, + the gathered copy); largest tensor outside the layers {outside / 2**30:.2f} "
-             "GiB (gathered whole, not merged)"]
+        for _key, tensor in merged_tensors(block):  # yields host copies: only the GPU work counts here
+            del tensor
+        measured = torch.cuda.max_memory_allocated() - before
+    largest_key = max(layer_base, key=layer_base.get)
+    transient = measured + layer_base[largest_key]
+    biggest_outside = max(outside.values())
+    largest_merged = max(biggest_outside, max(t.numel() * 2 for t in base_state_dict(block).values()))
+    gib = 2**30
+    lines = [f"{shape} {base} (simulated on {device.type}: 1 real decoder layer of {layers}, the rest on meta): base "
+             f"{base_total / gib:.1f} GiB, adapters {adapters_total / gib:.2f} GiB (fp32), merged bf16 model "
+             f"{merged_total / gib:.1f} GiB; one layer's base {sum(layer_base.values()) / gib:.2f} GiB; merge "
+             f"transient of one layer tensor {measured / gib:.2f} GiB measured + {layer_base[largest_key] / gib:.2f} "
+             f"GiB gathered ({largest_key}) = {transient / gib:.2f} GiB; largest tensor outside the layers "
+             f"{biggest_outside / gib:.2f} GiB (gathered whole, not merged)"]
     for world in worlds:
-        peak = total / world + max(transient, outside)
-        lines.append(f"  world size {world}: shards {total / world / 2**30:.1f} GiB + transient "
-                     f"{max(transient, outside) / 2**30:.2f} GiB = peak {peak / 2**30:.1f} GiB per rank "
-                     f"(never the {total / 2**30:.1f} GiB model)")
+        peak = base_total / world + adapters_total + max(transient, biggest_outside)
+        lines.append(f"  world size {world}: base shards {base_total / world / gib:.1f} + adapters "
+                     f"{adapters_total / gib:.2f} + transient {max(transient, biggest_outside) / gib:.2f} = peak "
+                     f"{peak / gib:.1f} GiB per rank (never the {(base_total + adapters_total) / gib:.1f} GiB model); "
+                     f"rank 0 host: <= {(DEFAULT_SHARD_SIZE + largest_merged) / gib:.1f} GiB "
+                     "(one file shard + one tensor)")
     return lines
 
 
 # -- the driver: launches each row with torchrun and prints the tables -------------------------------------------------
 def launch(args: argparse.Namespace, out: Path, shape: str, base: str, strategy: str, gpus: int, check: bool,
-           adapters: str = "replicated", check_steps: int = 3) -> list[dict] | str:
+           adapters: str = "replicated", check_steps: int = 3, compile: Optional[str] = None) -> list[dict] | str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__,
                "--worker", "--shape", shape, "--base", base, "--strategy", strategy, "--out", str(out),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.r),
                "--fsdp2-adapters", adapters, "--check-world", "2", "--check-steps", str(check_steps)]
-    command += ["--compile"] if args.compile and not check else []
+    command += ["--compile", compile or args.compile]
     command += ["--check"] if check else []
     command += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": "1" if args.cpu else os.environ.get("OMP_NUM_THREADS", "4")}
@@ -338,14 +444,18 @@ def check(args: argparse.Namespace, tmp: Path, shape: str, base: str) -> bool:
     runs = {"initial": ("ddp", 1, "replicated"), "1 GPU": ("ddp", 1, "replicated"), "DDP x2": ("ddp", 2, "replicated"),
             "FSDP2 x2 (adapters sharded)": ("fsdp2", 2, "sharded"),
             "FSDP2 x2 (adapters replicated)": ("fsdp2", 2, "replicated")}
+    if COMPILE[args.compile] or (COMPILE[args.compile] is None and not args.cpu):  # the rows compile: so does the
+        runs["1 GPU eager"] = ("ddp", 1, "replicated")                            # check, against one eager run
     adapters = {}
     for name, (strategy, gpus, placement) in runs.items():
         out = tmp / f"check-{shape}-{base}-{name.replace(' ', '_').replace('(', '').replace(')', '')}"
         result = launch(args, out, shape, base, strategy, gpus, check=True, adapters=placement,
-                        check_steps=0 if name == "initial" else 3)
+                        check_steps=0 if name == "initial" else 3, compile="off" if "eager" in name else None)
         if isinstance(result, str):
             print(f"  check {shape} {base} {name}: {result}")
             return False
+        print(f"  check {shape} {base} {name}: compiled (blocks, loss) {result[0]['compiled']}; FSDP2 units "
+              f"{result[0]['fsdp_units'] or '-'}")
         adapters[name] = load_file(out / "adapter" / "adapter_model.safetensors")
     initial, reference = adapters.pop("initial"), adapters.pop("1 GPU")
     moved = max((reference[k] - initial[k]).abs().max().item() for k in reference)
@@ -364,7 +474,7 @@ def check(args: argparse.Namespace, tmp: Path, shape: str, base: str) -> bool:
 
 def export_memory(args: argparse.Namespace, tmp: Path) -> int:
     print(f"Merged export under FSDP2 (sharded_export), LoRA r={args.r} on all projections")
-    for shape in args.shapes:
+    for shape in [] if args.simulate_only else args.shapes:
         for base in args.bases:
             out = tmp / f"export-{shape}-{base}"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
@@ -376,15 +486,17 @@ def export_memory(args: argparse.Namespace, tmp: Path) -> int:
                 continue
             rows = json.loads((out / "result.json").read_text())
             files = sorted(p.name for p in (out / "merged").iterdir())
+            shutil.rmtree(out / "merged")  # 16 GB at 8B: the next shape's export needs the disk
             print(f"{shape} {base} measured on {args.gpus} GPUs: " + "; ".join(
                 f"rank {i}: sharded model {r['resident_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB "
                 f"(+{r['peak_gib'] - r['resident_gib']:.2f}), CPU RSS peak {r['cpu_rss_gib']:.1f} GiB, "
                 f"{r['seconds']:.0f} s" for i, r in enumerate(rows)) + f"; files {files}")
             for line in simulated_export_memory(args, shape, base, worlds=(args.gpus,)):
                 print("  formula check: " + line)
-    for base in args.bases:
-        for line in simulated_export_memory(args, "tiny" if args.cpu else "70b", base):
-            print(line)
+    for shape in args.simulate or (["tiny"] if args.cpu else ["70b"]):
+        for base in args.bases:
+            for line in simulated_export_memory(args, shape, base):
+                print(line, flush=True)
     return 0
 
 
@@ -409,11 +521,18 @@ def main() -> int:
     p.add_argument("--check-rtol", type=float, default=1e-3)
     p.add_argument("--check-atol", type=float, default=1e-5)
     p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--compile", action="store_true", help="LoRACallback(compile=True) (regional compile); default eager")
+    p.add_argument("--check-only", action="store_true", help="the correctness check alone (Part 1), no timing")
+    p.add_argument("--compile", nargs="?", const="on", default="auto", choices=sorted(COMPILE),
+                   help="LoRACallback(compile=...) for every row and the check: auto (the callback's default: the "
+                        "decoder layers and the loss compiled on CUDA), on, off (eager rows)")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test with --shapes tiny)")
     p.add_argument("--export-memory", action="store_true",
                    help="instead of training: merged-export peak memory per rank, measured for --shapes on --gpus "
                         "GPUs and simulated for 70b (meta device + one real decoder layer)")
+    p.add_argument("--simulate", nargs="+", default=None, choices=sorted(SHAPES),
+                   help="--export-memory: the shapes to simulate (default 70b; tiny with --cpu)")
+    p.add_argument("--simulate-only", action="store_true",
+                   help="--export-memory: the simulation alone, no measured torchrun (the CPU cannot hold 8B ranks)")
     args = p.parse_args()
     if args.worker:
         export_memory_worker(args) if args.export_memory else worker(args)
@@ -430,14 +549,17 @@ def main() -> int:
         if not ok:
             print("correctness check failed: no timing")
             return 1
+    if args.check_only:
+        return 0
     print(f"\nPart 2: Trainer.fit steps, LoRA r={args.r} on {', '.join(PROJECTIONS)}; median of {args.steps} steps "
-          f"after {args.warmup}; FSDP2 adapters {args.fsdp2_adapters}")
-    print("| shape | base | strategy | GPUs | batch x seq per GPU | step ms | tokens/s | scaling | peak GiB per rank "
-          "(setup peak) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"after {args.warmup}; FSDP2 adapters {args.fsdp2_adapters}; compile {args.compile}")
+    print("| shape | base | strategy | GPUs | batch x seq per GPU | compiled | step ms | tokens/s | scaling | peak GiB "
+          "per rank (setup peak) | peak vs 1 GPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    phases = []
     for shape in args.shapes:
         for base in args.bases:
-            single = None
+            single = single_peak = None
             for strategy, gpus in [("ddp", 1)] + [(s, args.gpus) for s in args.strategies]:
                 out = tmp / f"{shape}-{base}-{strategy}-{gpus}"
                 result = launch(args, out, shape, base, strategy, gpus, check=False, adapters=args.fsdp2_adapters)
@@ -451,9 +573,26 @@ def main() -> int:
                 single = tokens if gpus == 1 else single
                 scaling = f"{tokens / single:.2f}x ({100 * tokens / (gpus * single):.0f}%)" if single and gpus > 1 else "1.00x"
                 peaks = " / ".join(f"{r['peak_gib']:.1f} ({r['setup_peak_gib']:.1f})" for r in result)
+                peak = max(r["peak_gib"] for r in result)
+                single_peak = peak if gpus == 1 else single_peak
+                ratio = f"{peak / single_peak:.2f}x" if single_peak else "-"
+                compiled = result[0]["compiled"]
+                compiled = f"{compiled[0]} layers{' + loss' if compiled[1] else ''}" if compiled else "eager"
                 print(f"| {shape} | {base} | {label} | {gpus} | {run['batch']} x {run['seq']}"
-                      f"{' +ckpt' if run['grad_ckpt'] else ''} | {1000 * step:.0f} | {tokens:,.0f} | {scaling} | {peaks} |",
-                      flush=True)
+                      f"{' +ckpt' if run['grad_ckpt'] else ''} | {compiled} | {1000 * step:.0f} | {tokens:,.0f} | "
+                      f"{scaling} | {peaks} | {ratio} |", flush=True)
+                phases += [(f"{shape} {base} {label} rank {i}", r) for i, r in enumerate(result)]
+    print("\nMemory by phase, GiB per rank (the last timed step): resident at train start (weights, adapters; "
+          "AdamW state after step 1), after forward (resident + saved for backward), peaks of forward, backward and "
+          "the optimizer step; FSDP2 units")
+    print("| row | resident | after forward | forward peak | backward peak | optimizer peak | FSDP2 units |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in phases:
+        units = r["fsdp_units"]
+        units = f"{len(units)}: {', '.join(u for u in units if 'layers' not in u)} + layers" if units else "-"
+        print(f"| {name} | {r['resident_gib']:.2f} | {r.get('after_forward_gib', 0):.2f} | "
+              f"{r.get('forward_peak_gib', 0):.2f} | {r.get('backward_peak_gib', 0):.2f} | "
+              f"{r.get('optimizer_peak_gib', 0):.2f} | {units} |")
     return 0
 
 
