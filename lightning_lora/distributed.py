@@ -61,6 +61,27 @@ def default_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
+def separate_embeddings(model: nn.Module, blocks: Iterable[nn.Module]) -> list[nn.Module]:
+    """The input and output embeddings of a transformers model (``get_input_embeddings``/``get_output_embeddings``)
+    when they share no weight and lie outside ``blocks``: ``shard_model`` gives each its own unit, gathered only around
+    its own forward and backward. Left in the root unit, which FSDP2 keeps gathered from forward to the end of backward,
+    both would be whole on every rank all step (2 x 0.98 GiB at Llama-3.1-8B). Tied ones stay in the root: one weight
+    is needed at both ends of the step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    inside = {id(m) for block in blocks for m in block.modules()}
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except NotImplementedError:
+            module = None
+        if isinstance(module, nn.Module) and id(module) not in inside and not isinstance(module, FSDPModule):
+            found.append(module)
+    weights = [id(p) for m in found for p in m.parameters()]
+    return found if len(weights) == len(set(weights)) else []
+
+
 def shard_model(model: nn.Module, mesh: Any = None, *, blocks: Optional[Iterable[nn.Module]] = None,
                 adapters: str = "sharded", **fully_shard_kwargs: Any) -> nn.Module:
     """Apply FSDP2's ``fully_shard`` to each block of ``model`` and then to ``model``; call it in ``configure_model``
@@ -83,7 +104,8 @@ def shard_model(model: nn.Module, mesh: Any = None, *, blocks: Optional[Iterable
             "configure_model when the model exists in __init__), so that every rank shards the adapted model."
         )
     ignored = set(adapter_parameters(model)) if adapters == "replicated" else None
-    for block in (default_blocks(model) if blocks is None else blocks):
+    blocks = default_blocks(model) if blocks is None else list(blocks)
+    for block in blocks + separate_embeddings(model, blocks):
         fully_shard(block, mesh=mesh, ignored_params=ignored, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, ignored_params=ignored, **fully_shard_kwargs)
     release_unsharded(model)
