@@ -49,18 +49,22 @@ on 7 projections, fp32 adapters, AdamW; GiB = 2**30 bytes; 4,096 tokens a rank):
     FSDP2 x2 eager, embeddings as own units: 2.65 + 0.47 + 1.00 + 5.87 + 0.2                      = 10.2 (0.80x)
     1 GPU compiled: 5.78 + 1.00 + 1.96 + 0.06                                                      =  8.8
       (its backward through the last layer: 5.78 + 0.16 gradients + 1.00 + 1.1 = 8.0, below that)
-    FSDP2 x2 compiled: 2.65 + 0.47 + 1.00 + at lm_head's backward: its bf16 logit gradient 0.98 + its weight
-      gathered 0.98 + the all-gather's input copy of the shard 0.49 (2.45 > the loss's 1.96) + 0.06 =  6.6 (0.75x)
+    FSDP2 x2 compiled: 2.65 + 0.47 + 1.00 + at lm_head's backward: its bf16 logit gradient 0.98 + lm_head
+      gathered: FSDP2 all-gathers into one buffer (0.98) and copies out into the parameter (0.98), both alive
+      during the copy (1.96) + 0.06                                                                =  7.1 (0.81x)
+      (6.1-6.6 if the copy-out does not meet the logit gradient; the layers' phase is ~5.9)
 
 FSDP2 shards only what is resident (5.31 of NF4 weights and embeddings at 8B); per-rank activations, the logits and
-one gathered unit (lm_head, 1.47 with its all-gather input) are not sharded by data parallelism. With S the shardable
-bytes, A the rest of the peak, the ratio at N ranks is (S/N + A) / (S + A); at N = 2 it is <= 0.6 only if
-A <= S/4 = 1.3, while the checkpointed inputs alone are 1.0 and the loss/lm_head phase 2.0-2.5. So <= 60% at 2 GPUs
-and 2 x 2048 a rank is out of reach for data parallelism alone (even a vocabulary-parallel chunked loss, CPU-offloaded
-checkpoints and sharded adapter state leave one layer's recompute + the gathers, ~61%); at 4 GPUs the compiled row
-is predicted at 1.33 + 0.47 + 1.00 + 0.98 + 0.98 + 0.25 + 0.06 = 5.1 (0.57x), at 8 GPUs 4.3 (0.49x).
-A chunked fused cross-entropy (benchmarks/_memory_options.py) helps the 1-GPU row more than FSDP2's (FSDP2 still
-gathers lm_head for it), so it lowers both peaks but raises the ratio (predicted 7.8 vs 6.3: 0.81x); not used here.
+the gathered unit in use (lm_head: 1.96 while it is copied out) are not sharded by data parallelism. With S the
+shardable bytes and A the rest of the peak, the ratio at N ranks is (S/N + A) / (S + A); at N = 2 it is <= 0.6 only
+if A <= S/4 = 1.3, while the checkpointed inputs alone are 1.0 and the loss/lm_head phase 2.0-2.9. So <= 60% at
+2 GPUs and 2 x 2048 a rank is out of reach for data parallelism alone: even sharded adapter state, CPU-offloaded
+checkpoints and a vocabulary-parallel chunked loss (lm_head never gathered) leave one layer's recompute (1.1) and the
+layer gathers (0.3): 4.4 vs 7.0, ~62%. Compiled rows at more GPUs: 4 GPUs 1.33 + 0.47 + 1.00 + 2.94 + 0.06 = 5.8
+(0.66x), 8 GPUs 5.1 (0.58x). A chunked fused cross-entropy (benchmarks/_memory_options.py; under FSDP2 it has to
+run inside lm_head's unit, which gathers lm_head in forward and again for backward) is predicted at 8.0 (1 GPU,
+bound by the last layer's backward) vs 6.1 (FSDP2, at the gathers): 0.76x, not enough to be worth a model-specific
+loss in the rows.
 
     python benchmarks/bench_distributed.py                          # all rows, 1b and 8b, bf16 and nf4 (2 GPUs)
     python benchmarks/bench_distributed.py --shapes 8b --bases nf4  # one block of rows
