@@ -263,16 +263,13 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
 
     def mask_of(layout: _Layout, device: torch.device) -> _Mask:
         key = (layout.mask_key, device)
-        if key not in made:
-            columns, start = {}, 0
-            for n, r, scaling in layout.columns:
-                columns[n], start = (start, start + r, scaling), start + r
-            mask = torch.zeros(batch, 1, start)
-            for i, n in enumerate(names):
-                if n in columns:
-                    begin, end, scaling = columns[n]
-                    mask[i, 0, begin:end] = scaling
-            made[key] = _Mask(mask.to(device))
+        if key not in made:  # each adapter's row of columns (and a zero row for none), picked per example
+            table = torch.zeros(len(layout.columns) + 1, sum(r for _, r, _ in layout.columns))
+            slot, start = {}, 0
+            for j, (n, r, scaling) in enumerate(layout.columns):
+                table[j, start:start + r], slot[n], start = scaling, j, start + r
+            rows = torch.tensor([slot.get(n, len(slot)) for n in names])
+            made[key] = _Mask(table[rows].unsqueeze(1).to(device))
         return made[key]
 
     def keep_of(layout: _Layout, device: torch.device) -> Tensor:  # (batch, 1, 1): each row's keep probability
