@@ -21,7 +21,10 @@ base). On the CPU (``--tiny``) it compiles with the "eager" backend, only to che
 an ``nn.Linear`` and of the same layer with unmerged LoRA (1 and 2 adapters active, dropout configured in eval mode,
 merged, and the general path that a forward hook on the update forces), tiny shapes (``--overhead-features``, one
 token) without autograd, the variants interleaved over ``--overhead-rounds`` rounds with the best counting (CPU: the
-thread's CPU time, so other processes' load counts less), and the ATen operators of one call of each.
+thread's CPU time, so other processes' load counts less), and the ATen operators of one call of each; then the same
+inside a model: one decode step (KV cache, one token) of a tiny-width Llama with the 1B's 16 layers (112 adapted
+linears), base vs ours unmerged and merged, whose difference per adapted layer includes the cold caches of a real
+forward (on a GPU the kernels are tiny, so this is the host's time).
 
     python benchmarks/bench_decode.py                # the GPU run
     python benchmarks/bench_decode.py --compiled     # ... plus the static-cache compiled pair
@@ -203,7 +206,51 @@ def overhead(args, device: str) -> int:
             ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in Counter(recorded.names).items())
             print(f"| {name} | {card} | {best[name]:.2f} | {best[name] - base_us:+.2f} | {len(recorded.names)} "
                   f"| {ops} |")
+    overhead_in_model(args, device, clock)
     return 0
+
+
+@torch.no_grad()
+def overhead_in_model(args, device: str, clock) -> None:
+    """ms per decode step of a tiny-width 16-layer Llama (bf16, LoRA on all 112 linears), interleaved rounds."""
+    config = llama_config(TINY, 16)
+    base = build_base(config, torch.bfloat16, device, seed=0).eval()
+    ours = copy.deepcopy(base)
+    ll.inject(ours, ll.AdapterConfig.create("lora", r=args.r, alpha=args.alpha, target_modules="all-linear",
+                                           init_weights=False))
+    merged = copy.deepcopy(ours)
+    ll.merge(merged)
+    prompt = torch.randint(3, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step_of(model):
+        out = model(input_ids=prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+        def step() -> None:
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache.crop(-1)  # back to the prompt: every step sees the same cache length
+        return step
+
+    steps = {"base": step_of(base), "ours unmerged": step_of(ours), "ours merged": step_of(merged)}
+    best = dict.fromkeys(steps, float("inf"))
+    for step in steps.values():
+        for _ in range(5):
+            step()
+    calls = max(1, args.overhead_calls // 100)
+    for _ in range(args.overhead_rounds):
+        for name, step in steps.items():
+            sync(device)
+            t = clock()
+            for _ in range(calls):
+                step()
+            sync(device)
+            best[name] = min(best[name], (clock() - t) / calls * 1e3)
+    layers = len(ll.adapters(ours))
+    print(f"\n| one decode step, 16-layer Llama, hidden {config.hidden_size}, bf16 | device | ms/step (best of "
+          f"{args.overhead_rounds}) | extra per adapted layer ({layers}) |")
+    print("| --- | --- | ---: | ---: |")
+    for name, ms in best.items():
+        print(f"| {name} | {device_name(device)} | {ms:.3f} | {(ms - best['base']) / layers * 1e3:+.2f} us |")
 
 
 def main() -> int:
