@@ -204,28 +204,76 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict(converted)
 
 
+def method_modules(model: nn.Module, method: str) -> list[nn.Module]:
+    """The update modules (``WeightUpdate``) and inserted adapters of ``model`` that method ``method`` built."""
+    from .methods.base import AdaptedLayer
+    from .surgery import adapters
+
+    found = []
+    for adapter in adapters(model).values():
+        parts = adapter.adapters.values() if isinstance(adapter, AdaptedLayer) else [adapter]
+        found += [part for part in parts if getattr(part, "config", None) is not None and part.config.method == method]
+    return found
+
+
+@contextlib.contextmanager
+def whole_trainable(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, the trainable DTensor parameters of ``modules`` are whole plain parameters on every rank,
+    with whole gradients, so a training-loop hook (``MethodSpec.regularization``'s backward, AdaLoRA's rank
+    allocation after the step) runs as in one process; on exit each rank keeps its shard of the values and gradients
+    the hook left. Every rank computes the same whole values, so the shards stay consistent. A collective (a gather
+    per tensor, in module order); nothing is gathered for modules without DTensors (DDP, replicated adapters)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for name, param in list(owner._parameters.items()):
+                    if param is None or not param.requires_grad or not is_dtensor(param):
+                        continue
+                    whole = nn.Parameter(param.detach().full_tensor())
+                    if param.grad is not None:
+                        whole.grad = param.grad.full_tensor()
+                    owner._parameters[name] = whole
+                    swapped.append((owner, name, param, whole))
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, param, whole in reversed(swapped):
+                owner._parameters[name] = param
+
+                def shard(value: Tensor) -> Tensor:
+                    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+
+                param.copy_(shard(whole.detach()))
+                if whole.grad is not None:
+                    if param.grad is None:
+                        param.grad = shard(whole.grad)
+                    else:
+                        param.grad.copy_(shard(whole.grad))
+
+
 @contextlib.contextmanager
 def gathered_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s adapter tensors are whole plain tensors on every rank (a collective on entry),
     so ``save_adapter`` and the merge code read them as in one process; the sharded ones are put back on exit. The
     base stays sharded."""
+    from .methods.base import AdaptedLayer
     from .surgery import adapters
 
     swapped: list[tuple[nn.Module, str, bool, Tensor]] = []
     try:
         for adapter in adapters(model).values():
-            for key, tensor in adapter.adapter_tensors().items():  # never the base weight an AdaptedLayer holds
-                if not is_dtensor(tensor):
-                    continue
-                path, _, name = key.rpartition(".")
-                owner = adapter.get_submodule(path) if path else adapter
-                is_param = name in owner._parameters
-                whole = full_tensor(tensor.detach())
-                swapped.append((owner, name, is_param, tensor))
-                if is_param:
-                    owner._parameters[name] = nn.Parameter(whole, requires_grad=False)
-                else:
-                    owner._buffers[name] = whole
+            # an adapted layer's updates (never the base weight it holds); an inserted adapter whole
+            for owner in (adapter.adapters if isinstance(adapter, AdaptedLayer) else adapter).modules():
+                for is_param, store in ((True, owner._parameters), (False, owner._buffers)):
+                    for name, tensor in list(store.items()):
+                        if not is_dtensor(tensor):
+                            continue
+                        whole = full_tensor(tensor.detach())
+                        swapped.append((owner, name, is_param, tensor))
+                        store[name] = nn.Parameter(whole, requires_grad=False) if is_param else whole
         yield model
     finally:
         for owner, name, is_param, tensor in reversed(swapped):

@@ -3,7 +3,8 @@
 ``merged_tensors`` walks the base state dict one tensor at a time: it gathers that tensor (an all-gather of its
 shards: a collective every rank runs, in the same order), folds in the tensor's adapter update in float32 (the
 adapted layer's own ``merged_weight``, so every method, DoRA included, and a quantized base's dequantization are the
-single-process code), and hands the result over on the CPU. ``write_merged`` (rank zero) writes the tensors into
+single-process code; a mergeable inserted adapter's tensors, BitFit's biases, replace the base's), and hands the
+result over on the CPU. ``write_merged`` (rank zero) writes the tensors into
 ``save_pretrained``'s layout: ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_size`` bytes plus
 ``model.safetensors.index.json`` (one ``model.safetensors`` when everything fits one shard), ``config.json`` and
 ``generation_config.json``, and frees each shard once written.
@@ -27,6 +28,7 @@ from .atomic import PathLike, check_export_target, export_directory, write_json
 from .distributed import full_tensor
 from .export import MERGED_KIND, MERGED_WEIGHTS
 from .methods.base import AdaptedLayer, dense
+from .methods.inserted import InsertedAdapter
 from .surgery import adapters, base_state_dict, weight_adapters
 
 INDEX = "model.safetensors.index.json"
@@ -44,13 +46,18 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
 
     layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
               if isinstance(layer, AdaptedLayer)}
-    weight_adapters(model, "merge")  # refuses inserted and tied adapters up front
+    weight_adapters(model, "merge")  # refuses inserted (but mergeable: BitFit) and tied adapters up front
+    replaced = {f"{path}.{key}" if path else key: value for path, adapter in adapters(model).items()
+                if isinstance(adapter, InsertedAdapter) for key, value in adapter.merged_tensors().items()}
     first: dict[int, str] = {}  # a tied Parameter's first name (state_dict() detaches, so tie by the Parameter)
     for name, param in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(param), name)
     tied = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
     for key, tensor in base_state_dict(model).items():
         if key in tied:
+            continue
+        if key in replaced:  # BitFit's trained bias (whole within gathered_adapters) replaces the base's
+            yield key, replaced[key].detach().cpu()
             continue
         whole = _gathered_dense(tensor.detach())
         layer = layers.get(key)

@@ -15,12 +15,47 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.distributed import shard_model  # noqa: E402
+from lightning_lora.methods.base import AdaptedLayer  # noqa: E402
+from conftest import make_llama  # noqa: E402
 from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
+
+
+# Every weight-update method at once, as named adapters on their own modules (two on q_proj, several on the other
+# projections of both layers), each small enough for the tiny Llama; AdaLoRA shrinks its budget (4 -> 2 per layer)
+# from the first step and HRA trains with its regularizer, so both training-loop hooks run.
+WEIGHT_UPDATES = {
+    "lora": {"method": "lora", "r": 4, "target_modules": ["q_proj"]},
+    "dora": {"method": "dora", "r": 4, "target_modules": ["q_proj"]},
+    "adalora": {"method": "adalora", "init_r": 4, "target_r": 2, "target_modules": ["k_proj"]},
+    "vera": {"method": "vera", "r": 8, "target_modules": ["v_proj", "o_proj"]},  # one projection pair, two shapes
+    "oft": {"method": "oft", "oft_block_size": 8, "target_modules": ["o_proj"]},
+    "boft": {"method": "boft", "boft_block_size": 4, "target_modules": ["gate_proj"]},
+    "hra": {"method": "hra", "r": 4, "orth_reg_weight": 0.1, "target_modules": ["up_proj"]},
+    "bone": {"method": "bone", "r": 8, "target_modules": ["down_proj"]},
+    "miss": {"method": "miss", "r": 8, "target_modules": ["gate_proj"]},
+    "loha": {"method": "loha", "r": 4, "target_modules": ["k_proj"]},
+    "lokr": {"method": "lokr", "r": 4, "init_weights": False, "target_modules": ["up_proj"]},  # w1 = 0 gives w2
+    # tiny early gradients whose float rounding Adam (g / sqrt(v)) magnifies past the tolerance
+}
+# ``--runs`` entries: the weight-update methods in one model, and each inserted-module method in its own (they take
+# one adapter per model); the inserted ones that cannot merge write no merged export
+NO_TARGETS = {"r": None, "target_modules": None}
+RUNS = {
+    "weight_updates": {"options": {**NO_TARGETS, "adapters": WEIGHT_UPDATES}},
+    **{method: {"method": method, "options": {**NO_TARGETS, **options}, "export_merged": method == "bitfit"}
+       for method, options in {"houlsby": {"reduction_factor": 8}, "pfeiffer": {"reduction_factor": 8},
+                               "llama_adapter": {"adapter_len": 4}, "prefix": {"num_virtual_tokens": 4},
+                               "prompt": {"num_virtual_tokens": 4}, "bitfit": {},
+                               "xlora": {"use_trainable_adapters": True}}.items()},
+}
+RUNS["bitfit"]["bias"] = True
+RUNS["xlora"]["experts"] = 2
 
 
 class ShardedLlama(TinyLlamaModule):
@@ -33,7 +68,18 @@ class ShardedLlama(TinyLlamaModule):
     def configure_model(self) -> None:
         shard_model(self.model, self.device_mesh["data_parallel"], adapters=self.adapter_placement)
         # the kept-aside original modules hold the shards too, so fully_shard could free the full weights
-        assert all(layer.original_module.weight is layer.weight for layer in ll.adapters(self.model).values())
+        assert all(layer.original_module.weight is layer.weight for layer in ll.adapters(self.model).values()
+                   if isinstance(layer, AdaptedLayer))
+
+
+def biased_llama() -> torch.nn.Module:
+    """``make_llama``'s model with biases in the attention and MLP projections."""
+    from transformers import LlamaForCausalLM
+
+    config = make_llama().config
+    config.attention_bias = config.mlp_bias = True
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()
 
 
 def main() -> None:
@@ -49,11 +95,26 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
     parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
     parser.add_argument("--method", default="lora")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='more LoRACallback options as JSON, replacing the defaults: {"adapters": {...}}')
+    parser.add_argument("--bias", action="store_true", help="a Llama with biases in its projections (for BitFit)")
+    parser.add_argument("--experts", type=int, default=0, help="LoRA experts the module holds before fit (X-LoRA)")
+    parser.add_argument("--runs", type=json.loads, default=None,
+                        help='several fits in one launch, each into <out>/<name>: {"<name>": {"method": "prompt", '
+                             '"options": {...}, "bias": false, "experts": 0}, ...} (each replaces those arguments)')
     args = parser.parse_args()
+    if args.runs is None:
+        fit(args)
+    for name, run in (args.runs or {}).items():  # the processes and their group are started once, for the first
+        fit(argparse.Namespace(**{**vars(args), "out": args.out / name, **run}))
+
+
+def fit(args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     # Checkpoints and exports at steps 4 and 8: rank zero writes them while the other ranks wait at Lightning's barrier.
-    callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
-                               export_merged=args.export_merged,
+    options = {"r": 4, "target_modules": ["q_proj", "v_proj"], **args.options}
+    callback = ll.LoRACallback(args.method, **{k: v for k, v in options.items() if v is not None},
+                               export_dir=str(args.out), export_merged=args.export_merged,
                                export_on_checkpoint=True, quantize=args.quantize)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
     if args.devices == 1:
@@ -63,6 +124,11 @@ def main() -> None:
     else:
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
         module = ShardedLlama(lr=args.lr, adapters=args.adapters)
+    if args.bias:
+        module.model = biased_llama()
+    for i in range(args.experts):  # trained elsewhere: random, frozen by the callback
+        ll.inject(module.model, {"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"],
+                                 "init_weights": False}, seed=100 + i, name=f"expert{i}")
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_epochs=2,
                          max_steps=args.max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=args.out, limit_val_batches=0,

@@ -7,6 +7,7 @@ one process resumes (and one process's, FSDP2 on two); the adapter export is wri
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,63 +27,86 @@ def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, tor
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--devices", str(devices), "--batch-size", str(batch_size), "--out", str(out),
-         *args], capture_output=True, text=True, timeout=300, env=env,
+         *args], capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    return load_file(out / "adapter" / "adapter_model.safetensors") if (out / "adapter").is_dir() else {}
 
 
 NF4 = '{"format": "nf4", "block_size": 16, "scaler_block_size": 4}'  # block sizes that divide the tiny weights
 
 
-@pytest.mark.parametrize(("method", "adapters", "quantize"), [("lora", "sharded", "null"), ("lora", "replicated", NF4),
-                                                             ("dora", "sharded", "null")], ids=["sharded", "nf4", "dora"])
-def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, method: str, adapters: str, quantize: str) -> None:
-    """LoRA with sharded adapters over a float32 base (and resumed at world size 1); LoRA with replicated adapters
-    over an NF4 base (quantized before sharding, so FSDP2 shards the NF4 weights; the merged export dequantizes each
-    gathered weight); DoRA (its magnitude sharded too)."""
-    one_dir = tmp_path / "one"
-    one = train(one_dir, 1, 8, "--export-merged", "--quantize", quantize, "--method", method)
-    two = train(tmp_path / "two", 2, 4, "--strategy", "fsdp2", "--adapters", adapters, "--export-merged",
-                "--quantize", quantize, "--method", method)
-    assert two.keys() == one.keys() and len(one) == (12 if method == "dora" else 8)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], **TOL, msg=key)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
-    step4 = load_file(tmp_path / "two" / "step-4" / "adapter" / "adapter_model.safetensors")  # exported at a checkpoint
-    torch.testing.assert_close(step4, load_file(one_dir / "step-4" / "adapter" / "adapter_model.safetensors"), **TOL)
+def step_checkpoint(run: Path, step: int) -> Path:
+    return next((run / "ckpt").glob(f"*step={step}.ckpt"))
 
-    ckpt = next((tmp_path / "two" / "ckpt").glob("*step=4.ckpt"))
-    saved = torch.load(ckpt, weights_only=True)
-    expected = torch.load(next((one_dir / "ckpt").glob("*step=4.ckpt")), weights_only=True)
-    assert saved["state_dict"].keys() == expected["state_dict"].keys()  # the adapter only, one process's key names
-    assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())  # whole tensors, not DTensor shards
-    torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)
-    assert len(saved["optimizer_states"][0]["state"]) == len(one)  # Adam's state of the adapter only, as one process's
-    torch.testing.assert_close(saved["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"], **TOL)
-    # the merged export, gathered one tensor at a time and merged in float32, equals one process's save_pretrained
-    merged, expected_merged = read_merged(tmp_path / "two" / "merged"), read_merged(one_dir / "merged")
-    assert merged.keys() == expected_merged.keys()
-    torch.testing.assert_close(merged, expected_merged, **TOL)
-    for step in (4, 8):
-        torch.testing.assert_close(read_merged(tmp_path / "two" / f"step-{step}" / "merged"),
-                                   read_merged(one_dir / f"step-{step}" / "merged"), **TOL)
-    if adapters == "sharded" and method == "lora":
-        # saved at world size 2, resumed at world size 1 (plain strategy): the same adapter as the run never stopped
-        resumed = train(tmp_path / "resumed", 1, 8, "--resume", str(ckpt))
+
+@pytest.mark.parametrize(("adapters", "quantize"), [("sharded", "null"), ("replicated", NF4)], ids=["sharded", "nf4"])
+def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: str, quantize: str) -> None:
+    """Every method, trained by one launch of each world size (``ddp_train.RUNS``): LoRA alone, every weight-update
+    method at once as named adapters, and (sharded) each inserted-module method in its own model, plus LoRA with the
+    blocks compiled (``compile=True``: regional torch.compile of FSDP2-sharded blocks). Sharded adapters over a
+    float32 base (saved at world size 2 and resumed at 1, and back); replicated adapters over an NF4 base (quantized
+    before sharding, so FSDP2 shards the NF4 weights; the merged export dequantizes each gathered weight)."""
+    from ddp_train import RUNS, WEIGHT_UPDATES
+
+    runs = {"lora": {}, "weight_updates": RUNS["weight_updates"]}
+    if adapters == "sharded":  # the inserted methods hold no quantizable layer, and no placement choice beyond this
+        runs.update({**RUNS, "compiled": {"options": {"compile": True}}})
+    common = ("--export-merged", "--quantize", quantize)
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    train(one_dir, 1, 8, *common, "--runs", json.dumps({k: v for k, v in runs.items() if k != "compiled"}))
+    train(two_dir, 2, 4, "--strategy", "fsdp2", "--adapters", adapters, *common, "--runs", json.dumps(runs))
+    one = load_file(one_dir / "lora" / "adapter" / "adapter_model.safetensors")
+    assert len(one) == 8 and any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
+    for run in runs:
+        # the adapter exports at steps 4 and 8 (every rank gathers, rank zero writes) and at the end, and the merged
+        # exports, gathered one tensor at a time and merged in float32, equal one process's
+        assert assert_same_files(two_dir / run, one_dir / ("lora" if run == "compiled" else run)) >= 3, run
+    assert sorted(p.name for p in (two_dir / "weight_updates" / "adapter").iterdir() if p.is_dir()) == sorted(
+        WEIGHT_UPDATES)
+    for run in ("lora", "weight_updates"):
+        torch.testing.assert_close(read_merged(two_dir / run / "merged"), read_merged(one_dir / run / "merged"), **TOL)
+        saved = torch.load(step_checkpoint(two_dir / run, 4), weights_only=True)
+        expected = torch.load(step_checkpoint(one_dir / run, 4), weights_only=True)
+        assert saved["state_dict"].keys() == expected["state_dict"].keys()  # the adapter only, one process's names
+        assert all(type(v) is torch.Tensor for v in saved["state_dict"].values())  # whole tensors, not DTensor shards
+        torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)
+        # Adam's state of the adapter only, as one process's
+        assert len(saved["optimizer_states"][0]["state"]) == len(expected["optimizer_states"][0]["state"])
+        torch.testing.assert_close(saved["optimizer_states"][0]["state"], expected["optimizer_states"][0]["state"],
+                                   **TOL)
+    if adapters == "sharded":
+        # saved at world size 2, resumed at world size 1 (plain strategy): the same adapters as the run never stopped
+        # (AdaLoRA's importance statistics and rank masks resume too), and the other way: one process's checkpoint
+        # resumed under FSDP2 on 2 (each rank loads its shards of the adapter and of Adam's state, after on_fit_start)
+        for devices, source in ((1, two_dir), (2, one_dir)):
+            resumed_dir = tmp_path / f"resumed-{devices}"
+            resume = {run: {**runs[run], "resume": str(step_checkpoint(source / run, 4))} for run in ("lora",
+                                                                                                    "weight_updates")}
+            train(resumed_dir, devices, 8 // devices, "--strategy", "fsdp2", "--runs", json.dumps(resume))
+            for run in resume:
+                files = sorted(p.relative_to(one_dir / run) for p in (one_dir / run / "adapter").rglob("*.safetensors"))
+                for name in files:
+                    torch.testing.assert_close(load_file(resumed_dir / run / name), load_file(one_dir / run / name),
+                                               **TOL, msg=str(name))
+
+
+def assert_same_files(got: Path, expected: Path) -> int:
+    """Every safetensors file under ``expected`` (adapter exports, their named sub-folders, step exports, merged
+    models) is under ``got`` with the same tensors; returns how many files."""
+    files = sorted(p.relative_to(expected) for p in expected.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(got) for p in got.rglob("*.safetensors"))
+    for name in files:
+        one, two = load_file(expected / name), load_file(got / name)
+        assert one.keys() == two.keys(), name
         for key in one:
-            torch.testing.assert_close(resumed[key], one[key], **TOL, msg=key)
-        # and the other way: one process's checkpoint resumed under FSDP2 on 2 (each rank loads its shards of the
-        # adapter and of Adam's state, after Lightning's on_fit_start)
-        one_ckpt = next((one_dir / "ckpt").glob("*step=4.ckpt"))
-        resumed = train(tmp_path / "resumed2", 2, 4, "--strategy", "fsdp2", "--resume", str(one_ckpt))
-        for key in one:
-            torch.testing.assert_close(resumed[key], one[key], **TOL, msg=key)
+            torch.testing.assert_close(two[key], one[key], **TOL, msg=f"{name}: {key}")
+    return len(files)
 
 
 def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
-    """Tensor parallelism, and a model that does not exist before configure_model, are refused in setup, with the
-    model untouched."""
+    """Tensor parallelism, a model that does not exist before configure_model, and per-example adapter routing are
+    refused in setup, with the model untouched."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -101,10 +125,12 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
     assert not ll.adapters(module.model)
     with pytest.raises(ll.ConfigError, match="build it in __init__ and shard it in configure_model"):
         setup(ConfigureModelLlama(), data_parallel_size=1, tensor_parallel_size=1)
-    with pytest.raises(ll.ConfigError, match="supports lora, dora with one adapter.*not loha yet.*strategy='ddp'"):
+    with pytest.raises(ll.ConfigError, match="adapter_key='task'.*not supported under ModelParallelStrategy.*"
+                                             "without adapter_key.*strategy='ddp'"):
         strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
         trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
-        ll.LoRACallback("loha", r=4, target_modules=["q_proj"], export_merged=False).setup(trainer, module, "fit")
+        ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}},
+                        adapter_key="task").setup(trainer, module, "fit")
     assert not ll.adapters(module.model)
 
 
