@@ -21,7 +21,9 @@ The shapes depend on the adapters a layer holds, never on the batch: an adapter 
 columns in the concatenation with zeros in the mask, and the mix is only in tensors, so a compiled model (regional or
 whole) does not recompile when the mix changes, and a serving layer keeps one concatenation of its factors across
 batches. The price: a layer's mixed pass runs at the summed rank of all its LoRA adapters, so unload the adapters
-that are not served.
+that are not served. In training, an adapter absent from the batch takes part detached, so its gradient is None (an
+optimizer skips it, as it would in separate per-adapter runs), not zero (which AdamW would decay and step with its
+momentum); a compiled training graph is therefore one per set of adapters met in a batch (at most 2^n - 1).
 
 Rows are mapped to examples batch-major: a layer input of shape (batch * k, ...) or (batch, ...) (also a 2-D
 (tokens, features) one, flattened from (batch, seq, features)) gives example ``i`` its ``i``-th slice, which is also
@@ -85,6 +87,8 @@ class _Mask:
             batch, _, rank = self.mask.shape
             rows = self.mask.to(dtype).expand(batch, count // batch, rank).reshape(count, rank)
             if not compiling:
+                if len(self._rows) > 4:  # generate without a KV cache: a new row count each step
+                    self._rows.clear()
                 self._rows[count, dtype] = rows
         return rows
 
@@ -96,16 +100,22 @@ class LayerRoute:
     Its shapes depend on the adapters the layer holds, never on the batch's mix: every LoRA adapter of the layer is
     in the concatenated factors (an adapter absent from the batch gets zero mask columns), and the mix lives only in
     tensors (the masks), so a compiled model does not recompile when the mix changes, and a serving layer keeps its
-    concatenated factors across batches."""
+    concatenated factors across batches. (In training, the adapters absent from the batch are detached, which a
+    compiled graph guards on: it compiles once per set of adapters met in a batch, never per assignment of them.)"""
 
-    def __init__(self, batch: int, layout: _Layout) -> None:
+    def __init__(self, batch: int, layout: _Layout, in_batch: list[str]) -> None:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
         self.a = tuple([u._modules["lora_A"]._parameters["weight"] for u in self.lora])
         self.b = tuple([u._modules["lora_B"]._parameters["weight"] for u in self.lora])
+        # With autograd, an adapter absent from the batch takes part detached: its gradient stays None, not zero, so
+        # an optimizer leaves it alone (no weight decay or momentum step), as separate per-adapter runs would.
+        present = [n in in_batch for n, _, _ in layout.columns]
+        self.a_grad = tuple([t if p else t.detach() for t, p in zip(self.a, present)])
+        self.b_grad = tuple([t if p else t.detach() for t, p in zip(self.b, present)])
         self.key = layout.key
-        self.trainable = any(t.requires_grad for t in self.a + self.b)
+        self.trainable = any(t.requires_grad for t in self.a_grad + self.b_grad)
         self.device = self.a[0].device if self.a else None
         self.dropout = layout.dropout  # the one dropout probability of all of ``lora`` (0: none); None: they differ
         # set by ``set_batch_adapters`` from the batch: the mask of ``lora``'s rank columns; where the dropouts
@@ -149,16 +159,18 @@ def _factors(layer: AdaptedLayer, route: LayerRoute, dtype: torch.dtype) -> tupl
     """The layer's LoRA factors, concatenated along the rank and cast: A (R, in) and B^T (R, out). Without autograd
     (serving) they are kept on the layer until a factor changes (an optimizer step, a hot-swap, a load: each bumps
     the tensor's version) or moves, so that a forward runs three kernels per layer (a single LoRA: two)."""
-    cache = not (torch.is_grad_enabled() and route.trainable) and not torch.compiler.is_compiling()
+    grad = torch.is_grad_enabled()
+    cache = not (grad and route.trainable) and not torch.compiler.is_compiling()
     if cache:
         stamp = (route.key, dtype, [(t.data_ptr(), t._version) for t in route.a + route.b])
         cached = layer.__dict__.get("_mixed_factors")
         if cached is not None and cached[0] == stamp:
             return cached[1], cached[2]
-    if len(route.a) == 1:
-        a, b = route.a[0].to(dtype), route.b[0].to(dtype)
+    a_parts, b_parts = (route.a_grad, route.b_grad) if grad else (route.a, route.b)
+    if len(a_parts) == 1:
+        a, b = a_parts[0].to(dtype), b_parts[0].to(dtype)
     else:  # cast after the concatenation: one cast kernel per factor, not one per adapter
-        a, b = torch.cat(route.a).to(dtype), torch.cat(route.b, dim=1).to(dtype)
+        a, b = torch.cat(a_parts).to(dtype), torch.cat(b_parts, dim=1).to(dtype)
     if cache:
         layer.__dict__["_mixed_factors"] = (stamp, a.detach(), b.detach().t())  # a few MiB at most per layer
     return a, b.t()
@@ -281,7 +293,7 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
 
     routes = []
     for layer, layout in zip(layers, layouts):
-        route = LayerRoute(batch, layout)
+        route = LayerRoute(batch, layout, in_batch)
         if layout.lora:
             route.mask = mask_of(layout, route.device)
             route.keep = keep_of(layout, route.device) if layout.dropout is None else None

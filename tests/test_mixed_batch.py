@@ -234,8 +234,21 @@ def test_a_compiled_model_does_not_recompile_when_the_mix_changes(regional: bool
         return
     model.train()
     frames = None
-    for names in mixes[:2]:
+    for names in (NAMES, ["c", "b", "a", None, "a", "c"]):  # training: the same adapters, other rows
         with adapter_batch(model, names):
             compiled(tokens).logits.sum().backward()
         frames = frames or counter.frame_count
         assert counter.frame_count == frames, f"recompiled for the training mix {names}"
+
+
+def test_an_adapter_absent_from_a_training_batch_gets_no_gradient() -> None:
+    """Its factors are in the layer's concatenation (zero mask columns), but detached: its .grad stays None, so an
+    optimizer leaves it as separate per-adapter runs would (a zero gradient would still get AdamW's decay and
+    momentum)."""
+    model = three_adapters().train()
+    tokens = torch.randint(3, VOCAB, (4, 5), generator=torch.Generator().manual_seed(6))
+    with adapter_batch(model, ["a", None, "b", "a"]):
+        model(tokens).logits.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is None for n, g in grads.items() if ".adapters.c." in n)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".adapters.c." not in n)
