@@ -272,3 +272,24 @@ def test_decode_plan_runs_the_minimal_operators(bias: bool, adapters: int) -> No
             holder(x)
     linear = ["t", "addmm"] if bias else ["t", "mm"]
     assert recorded.names == [f"aten.{n}" for n in ["view", *linear, *["mm", "addmm_"] * adapters, "view"]]
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2
+
+
+def test_decode_plan_reads_parametrized_weights() -> None:
+    """A weight computed by ``torch.nn.utils.parametrize`` (the base's or a factor's) is read as the general path reads
+    it, every call."""
+    from torch.nn.utils import parametrize
+
+    model = two_adapter_llama(torch.bfloat16, 1)
+    before = assert_fast_equals_general(model)
+    layer = ll.adapters(model)["model.layers.0.mlp.down_proj"]
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    parametrize.register_parametrization(layer.adapters["a0"].lora_A, "weight", Doubled())
+    doubled = assert_fast_equals_general(model)
+    assert not torch.equal(doubled, before)
+    parametrize.remove_parametrizations(layer.adapters["a0"].lora_A, "weight", leave_parametrized=False)
+    assert not torch.equal(assert_fast_equals_general(model), doubled)

@@ -59,9 +59,13 @@ class LoRAUpdate(WeightUpdate):
         """A^T and B^T in ``dtype``, cast once and kept until either weight changes: replaced, written in place (its
         version counter, bumped by optimizer steps and loads) or given new data (``.data =``, ``.to``: the kept
         detached source holds the old storage, so a new one cannot reuse its address); a copy only when the dtypes
-        differ (r * (in + out) values). Reads the parameters without ``nn.Module.__getattr__`` (the decode path)."""
-        a = self._modules["lora_A"]._parameters["weight"]
-        b = self._modules["lora_B"]._parameters["weight"]
+        differ (r * (in + out) values). Reads the parameters without ``nn.Module.__getattr__`` (the decode path),
+        unless they are computed (``torch.nn.utils.parametrize``: a new tensor each time, so cast each time)."""
+        try:
+            a = self._modules["lora_A"]._parameters["weight"]
+            b = self._modules["lora_B"]._parameters["weight"]
+        except KeyError:
+            a, b = self.lora_A.weight, self.lora_B.weight
         c = self.__dict__.get("_factors")
         if (c is None or c[0] is not a or c[1] is not b or c[2] is not dtype or c[3] != a._version
                 or c[4] != b._version or c[5] != a.data_ptr() or c[6] != b.data_ptr()):
@@ -73,7 +77,7 @@ class LoRAUpdate(WeightUpdate):
 
     @classmethod
     def decode_plan(cls, updates: list[WeightUpdate]) -> Optional[LoRADecodePlan]:
-        """``LoRADecodePlan`` when every update is a plain LoRA (DoRA and AdaLoRA have their own forward)."""
+        """``LoRADecodePlan`` when every update runs LoRA's forward (not DoRA's, a subclass with its own)."""
         if all(type(u).forward is LoRAUpdate.forward for u in updates):
             return LoRADecodePlan(updates)
         return None
@@ -84,10 +88,6 @@ class LoRAUpdate(WeightUpdate):
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         return self.lora_weight() * self.scaling
-
-
-_GLOBAL_HOOKS = (_module._global_forward_pre_hooks, _module._global_forward_hooks,
-                 _module._global_backward_pre_hooks, _module._global_backward_hooks)
 
 
 class LoRADecodePlan:
@@ -107,11 +107,16 @@ class LoRADecodePlan:
             if ((u.training and isinstance(u._modules["lora_dropout"], nn.Dropout)) or u._forward_hooks
                     or u._forward_pre_hooks or u._backward_hooks or u._backward_pre_hooks):
                 return None
-        if _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3]:
+        if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_pre_hooks
+                or _module._global_backward_hooks):  # what nn.Module.__call__ checks
             return None
+        try:
+            weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+        except KeyError:  # computed (torch.nn.utils.parametrize)
+            weight, bias = layer.weight, layer.bias
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        out = F.linear(x, layer._parameters["weight"], layer._parameters["bias"])
+        out = F.linear(x, weight, bias)
         for u in self.updates:
             a_t, b_t = u._inference_factors(out.dtype)
             out.addmm_(x.mm(a_t), b_t, alpha=u.scaling)
