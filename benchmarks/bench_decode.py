@@ -181,6 +181,7 @@ def overhead(args, device: str) -> int:
     print(f"overhead: 1 token x {args.overhead_features} features, LoRA r={args.r}, no autograd, "
           f"{args.overhead_calls} calls per round, best of {args.overhead_rounds} interleaved rounds, "
           f"{torch.get_num_threads()} CPU threads")
+    ok = True
     for dtype in (torch.float32, torch.bfloat16):
         layers = overhead_layers(args.overhead_features, args.r, dtype, device)
         x = torch.randn(1, 1, args.overhead_features, device=device, dtype=dtype)
@@ -197,6 +198,10 @@ def overhead(args, device: str) -> int:
                 sync(device)
                 best[name] = min(best[name], (clock() - t) / args.overhead_calls * 1e6)
         base_us = best["nn.Linear (base)"]
+        fast, general = layers["LoRA unmerged"](x), layers["LoRA unmerged, general path (no-op hook on the update)"](x)
+        same = torch.equal(fast, general)  # same weights (same seed): the decode plan must give the same bits
+        print(f"[check {str(dtype).removeprefix('torch.')}] decode plan output equal to the general path's: {same}")
+        ok &= same
         print(f"\n| layer ({str(dtype).removeprefix('torch.')}) | device | us/call | extra vs nn.Linear | ATen ops/call "
               "| ATen ops |")
         print("| --- | --- | ---: | ---: | ---: | --- |")
@@ -207,7 +212,8 @@ def overhead(args, device: str) -> int:
             print(f"| {name} | {card} | {best[name]:.2f} | {best[name] - base_us:+.2f} | {len(recorded.names)} "
                   f"| {ops} |")
     overhead_in_model(args, device, clock)
-    return 0
+    print(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
 @torch.no_grad()
