@@ -43,15 +43,20 @@ def step_checkpoint(run: Path, step: int) -> Path:
 @pytest.mark.parametrize(("adapters", "quantize"), [("sharded", "null"), ("replicated", NF4)], ids=["sharded", "nf4"])
 def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: str, quantize: str) -> None:
     """Every method, trained by one launch of each world size (``ddp_train.RUNS``): LoRA alone, every weight-update
-    method at once as named adapters, and (sharded) each inserted-module method in its own model, plus LoRA with the
-    blocks compiled (``compile=True``: regional torch.compile of FSDP2-sharded blocks). Sharded adapters over a
-    float32 base (saved at world size 2 and resumed at 1, and back); replicated adapters over an NF4 base (quantized
-    before sharding, so FSDP2 shards the NF4 weights; the merged export dequantizes each gathered weight)."""
+    method at once as named adapters, and each inserted-module method in its own model. Sharded adapters over a
+    float32 base (saved at world size 2 and resumed at 1, and back), with LoRA also trained with its blocks compiled
+    (``compile=True``: regional torch.compile of FSDP2-sharded blocks, equal to one eager process); replicated
+    adapters over an NF4 base (quantized before sharding, so FSDP2 shards the NF4 weights; the merged export
+    dequantizes each gathered weight)."""
     from ddp_train import RUNS, WEIGHT_UPDATES
 
+    inserted = {name: run for name, run in RUNS.items() if name != "weight_updates"}
     runs = {"lora": {}, "weight_updates": RUNS["weight_updates"]}
-    if adapters == "sharded":  # the inserted methods hold no quantizable layer, and no placement choice beyond this
-        runs.update({**RUNS, "compiled": {"options": {"compile": True}}})
+    if adapters == "sharded":
+        runs.update({**inserted, "compiled": {"options": {"compile": True}}})
+    else:  # inserted methods adapt no linear layer: every frozen one is quantized
+        runs.update({name: {**run, "quantize": {**json.loads(NF4), "modules": "all-linear"}}
+                     for name, run in inserted.items()})
     common = ("--export-merged", "--quantize", quantize)
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     train(one_dir, 1, 8, *common, "--runs", json.dumps({k: v for k, v in runs.items() if k != "compiled"}))
