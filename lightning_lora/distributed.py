@@ -10,7 +10,11 @@ adapter (trainable) tensors only, one tensor at a time, so a checkpoint or adapt
   ``_orig_mod.``/``_fsdp_wrapped_module.`` parts wrappers add), in the layout one process writes, so a checkpoint
   resumes on any world size and strategy; ``load_trainable`` / ``load_optimizer_state`` put full tensors back
   into sharded parameters, each rank keeping its own shard (no communication);
-- ``gathered_adapters`` lends every rank the full adapter tensors for the span of an export.
+- ``gathered_adapters`` lends every rank the full adapter tensors for the span of an export;
+- ``whole_trainable`` lends a method's training-loop hook (a regularizer's backward, AdaLoRA's rank allocation after
+  the step: ``MethodSpec.regularization``/``after_step``) whole parameters and gradients, and keeps each rank's shard
+  of what it left. Everything a method does inside the forward needs nothing: FSDP2 gathers each block's parameters
+  (adapters and the base weight DoRA, Bone and MiSS read) before its forward.
 
 Every function that gathers is a collective: all ranks call it, in the same order. No Lightning here.
 """
