@@ -103,7 +103,7 @@ class LayerRoute:
     concatenated factors across batches. (In training, the adapters absent from the batch are detached, which a
     compiled graph guards on: it compiles once per set of adapters met in a batch, never per assignment of them.)"""
 
-    def __init__(self, batch: int, layout: _Layout, in_batch: list[str]) -> None:
+    def __init__(self, batch: int, layout: _Layout, in_batch: set[str]) -> None:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
@@ -111,11 +111,13 @@ class LayerRoute:
         self.b = tuple([u._modules["lora_B"]._parameters["weight"] for u in self.lora])
         # With autograd, an adapter absent from the batch takes part detached: its gradient stays None, not zero, so
         # an optimizer leaves it alone (no weight decay or momentum step), as separate per-adapter runs would.
-        present = [n in in_batch for n, _, _ in layout.columns]
-        self.a_grad = tuple([t if p else t.detach() for t, p in zip(self.a, present)])
-        self.b_grad = tuple([t if p else t.detach() for t, p in zip(self.b, present)])
+        self.a_grad, self.b_grad = self.a, self.b
+        if not in_batch.issuperset(layout.names):
+            present = [n in in_batch for n in layout.names]
+            self.a_grad = tuple([t if p else t.detach() for t, p in zip(self.a, present)])
+            self.b_grad = tuple([t if p else t.detach() for t, p in zip(self.b, present)])
         self.key = layout.key
-        self.trainable = any(t.requires_grad for t in self.a_grad + self.b_grad)
+        self.trainable = any([t.requires_grad for t in self.a_grad + self.b_grad])
         self.device = self.a[0].device if self.a else None
         self.dropout = layout.dropout  # the one dropout probability of all of ``lora`` (0: none); None: they differ
         # set by ``set_batch_adapters`` from the batch: the mask of ``lora``'s rank columns; where the dropouts
@@ -201,6 +203,7 @@ class _Layout:
         self.lora = tuple(u for _, u in fast)
         self.key = tuple(id(u) for u in self.lora)
         self.columns = tuple((n, u.r, u.scaling) for n, u in fast)
+        self.names = tuple(n for n, _ in fast)
         self.mask_key = repr(self.columns)  # equal across layers of the same layout; a str keeps its hash
         self.dropouts = {n: _dropout_p(u) for n, u in fast}
         ps = set(self.dropouts.values())
@@ -291,9 +294,9 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
                                                                   device=device).view(batch, 1, 1)
         return made["keep", tuple(p.items()), device]
 
-    routes = []
+    routes, batch_set = [], set(in_batch)
     for layer, layout in zip(layers, layouts):
-        route = LayerRoute(batch, layout, in_batch)
+        route = LayerRoute(batch, layout, batch_set)
         if layout.lora:
             route.mask = mask_of(layout, route.device)
             route.keep = keep_of(layout, route.device) if layout.dropout is None else None
