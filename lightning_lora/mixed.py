@@ -49,12 +49,11 @@ BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names; None means t
 
 
 class BatchRoute:
-    """The per-example adapters of one batch: ``names[index[i]]`` is example ``i``'s (index -1: none). Every adapted
-    layer of the model holds its own ``LayerRoute``, built from this one when the batch is set."""
+    """One batch of per-example adapters on a model: its size, the layers given a ``LayerRoute`` for it, and the
+    model's pre-hook that checks each input against the size."""
 
-    def __init__(self, names: list[str], index: Tensor, layers: list[AdaptedLayer]) -> None:
-        self.names = names
-        self.index = index
+    def __init__(self, batch: int, layers: list[AdaptedLayer]) -> None:
+        self.batch = batch
         self.layers = layers
         self.hook: Optional[torch.utils.hooks.RemovableHandle] = None
 
@@ -62,10 +61,10 @@ class BatchRoute:
         """A forward pre-hook on the model: its input's batch must be the examples named (or a multiple of them, as
         ``generate`` repeats each example for beams)."""
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
-        if first is not None and first.shape[0] % self.index.shape[0]:
+        if first is not None and first.shape[0] % self.batch:
             raise ConfigError(
                 f"{type(module).__name__} got a batch of {first.shape[0]} examples, but per-example adapters were "
-                f"given for {self.index.shape[0]}; give one adapter name (or None) per example of the batch."
+                f"given for {self.batch}; give one adapter name (or None) per example of the batch."
             )
 
 
@@ -303,8 +302,7 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
         route.others = tuple((u, rows_of(n, next(u.parameters(), layer.weight).device), n in in_batch)
                              for n, u in layout.others)
         routes.append(route)
-    position = {n: k for k, n in enumerate(in_batch)}
-    batch_route = BatchRoute(in_batch, torch.tensor([position.get(n, -1) for n in names], dtype=torch.long), layers)
+    batch_route = BatchRoute(batch, layers)
     _unset(layers)
     for layer, route in zip(layers, routes):
         route.owner = batch_route
