@@ -44,9 +44,14 @@ def _gathered(params: Iterable[Tensor], modifier_rank: Optional[int] = None) -> 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
+def has_master(param: Tensor) -> bool:
+    """Whether the ZeRO optimizer holds a float32 master of ``param`` (DeepSpeed marks those it holds)."""
+    return param.requires_grad and (hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer"))
+
+
 def _master(param: Tensor) -> Optional[Tensor]:
-    """The whole float32 master copy of a parameter the ZeRO optimizer holds, else None."""
-    if not (hasattr(param, "_hp_mapping") or is_partitioned(param)) or not param.requires_grad:
+    """The whole float32 master copy of a parameter the ZeRO optimizer holds (a collective), else None."""
+    if not has_master(param):
         return None
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -86,9 +91,9 @@ def load_trainable(module: nn.Module, state: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, value in state.items():
             target = own[key]
-            if _master(target) is not None:  # a collective: every rank, in the same order
+            if has_master(target):  # this rank's slice of the master
                 safe_set_full_fp32_param(target, value.to(target.device, torch.float32))
-            with _gathered([target], modifier_rank=0):  # rank zero's copy is scattered back into the partitions
+            with _gathered([target], modifier_rank=0):  # a collective; rank zero's copy goes back into the partitions
                 target.data.copy_(value.to(target.device, target.dtype).reshape(target.shape))
 
 
@@ -129,18 +134,23 @@ def optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group
     return {"state": state, "param_groups": param_groups}
 
 
+def check_optimizer_state(groups: list[list[nn.Parameter]], state: dict[str, Any]) -> None:
+    """Refuse an optimizer state of other parameter groups than ``groups`` (before anything is loaded)."""
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    if saved != [len(g) for g in groups]:
+        raise ValueError(f"The checkpoint's optimizer has parameter groups of {saved} tensors, this run's "
+                         f"{[len(g) for g in groups]}: resume with the configure_optimizers that wrote it.")
+
+
 def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group_options: list[dict[str, Any]],
                          state: dict[str, Any]) -> None:
     """Load a state ``optimizer_state`` (or one process's torch optimizer) wrote into the ZeRO optimizer: its group
     options, the scalar state (``step``) of each flat partition, and each parameter's slices of the rest."""
     from deepspeed.utils import safe_set_full_optimizer_state
 
+    check_optimizer_state(groups, state)
     params = [p for group in groups for p in group]
     saved = {int(k): v for k, v in state["state"].items()}
-    if len(state["param_groups"]) != len(groups) or sum(len(g["params"]) for g in state["param_groups"]) != len(params):
-        raise ValueError(f"The checkpoint's optimizer has {len(state['param_groups'])} parameter groups of "
-                         f"{[len(g['params']) for g in state['param_groups']]} tensors; this one "
-                         f"{[len(g) for g in groups]}. Resume with the same configure_optimizers.")
     for options, saved_group in zip(group_options, state["param_groups"]):
         options.update({k: v for k, v in saved_group.items() if k != "params"})
     if not saved:
@@ -162,9 +172,8 @@ def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], 
         zero_optimizer._hp_optimizer_states_linked = False
         link()
     for index, param in enumerate(params):
-        for key in per_element:
-            value = saved[index][key]
-            safe_set_full_optimizer_state(param, value.to(flat.device, torch.float32), key)
+        for key in per_element:  # this rank's slice
+            safe_set_full_optimizer_state(param, saved[index][key].to(param.device, torch.float32), key)
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if "gpu" in sys.argv else "cpu")  # before deepspeed is imported
 
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
@@ -77,7 +77,8 @@ class Facts(pl.Callback):
             self.path.write_text(json.dumps(facts))
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run with ``argv`` (default: the command line); one-device runs also run in the caller's process this way."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--batch-size", type=int, required=True)
@@ -89,13 +90,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
     parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
-    args = parser.parse_args()
+    parser.add_argument("--precision", default="32-true", help="the Trainer's precision (bf16-mixed: ZeRO's bf16)")
+    args = parser.parse_args(argv)
     pl.seed_everything(0)
     callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
                                export_merged=args.export_merged, export_on_checkpoint=True)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
     strategy: object = "auto"
     if args.stage:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.accelerator == "cpu" else "cuda")  # before the import
         if args.accelerator == "cpu":
             import deepspeed.ops
 
@@ -104,7 +107,7 @@ def main() -> None:
         strategy = cls(stage=args.stage, process_group_backend="gloo" if args.accelerator == "cpu" else None)
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_epochs=2,
-                         max_steps=args.max_steps, logger=False, enable_progress_bar=False, precision="32-true",
+                         max_steps=args.max_steps, logger=False, enable_progress_bar=False, precision=args.precision,
                          enable_model_summary=False, default_root_dir=args.out, limit_val_batches=0,
                          callbacks=[callback, checkpoint, Facts(args.out / "facts.json")],
                          use_distributed_sampler=False)

@@ -30,12 +30,17 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, torch.Tensor]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--devices", str(devices), "--batch-size", str(batch_size), "--out", str(out),
-         *args], capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    """``deepspeed_train.py``: 2 processes through Lightning's launcher, one process here (no process start)."""
+    argv = ["--devices", str(devices), "--batch-size", str(batch_size), "--out", str(out), *args]
+    if devices == 1:
+        import deepspeed_train
+
+        deepspeed_train.main(argv)
+    else:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+        result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300,
+                                env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
 
@@ -78,6 +83,19 @@ def test_zero3_and_zero2_match_one_process_and_resume_across_world_sizes(tmp_pat
         torch.testing.assert_close(resumed2[key], one[key], **TOL, msg=key)
     facts = json.loads((tmp_path / "resumed2" / "facts.json").read_text())
     assert facts["partitioned"] == 0 and 2 * facts["optimizer_numel"] >= facts["adapter_numel"]
+
+
+def test_dora_under_zero3_matches_one_process(tmp_path: Path) -> None:
+    """DoRA's magnitude is partitioned too, and its weight norm reads the partitioned base inside the layer's forward:
+    4 steps against one process, adapter and merged export."""
+    one = train(tmp_path / "one", 1, 8, "--method", "dora", "--max-steps", "4", "--export-merged")
+    zero3 = train(tmp_path / "zero3", 2, 4, "--method", "dora", "--stage", "3", "--max-steps", "4", "--export-merged")
+    assert zero3.keys() == one.keys() and len(one) == 12
+    for key in one:
+        torch.testing.assert_close(zero3[key], one[key], **TOL, msg=key)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
+    torch.testing.assert_close(read_merged(tmp_path / "zero3" / "merged"), read_merged(tmp_path / "one" / "merged"),
+                               **TOL)
 
 
 def test_deepspeed_refusals_name_the_fix(tmp_path: Path) -> None:

@@ -70,9 +70,9 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: boo
         )
     if loraplus:
         raise ConfigError(
-            "LoRACallback(loraplus_lr_ratio=...) under DeepSpeedStrategy: LoRA+ splits the optimizer's parameter groups "
-            "after the optimizer exists, and ZeRO has flattened them by then. Put lora_B in its own parameter group with "
-            "the higher learning rate in configure_optimizers, or use strategy='ddp'."
+            "LoRACallback(loraplus_lr_ratio=...) under DeepSpeedStrategy: LoRA+ splits the optimizer's parameter "
+            "groups after the optimizer exists, and ZeRO has flattened them by then. Put lora_B in its own parameter "
+            "group with the higher learning rate in configure_optimizers, or use strategy='ddp'."
         )
 
 
@@ -121,15 +121,18 @@ def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], 
         path = Path(strategy.broadcast(checkpoint_path))
         if path.is_dir():
             raise ValueError(
-                f"{path} is a DeepSpeed checkpoint directory; LoRACallback writes and resumes adapter-only checkpoints, "
-                "one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or load the adapter "
-                "with lightning_lora.load_adapter and start a new fit."
+                f"{path} is a DeepSpeed checkpoint directory; LoRACallback writes and resumes adapter-only "
+                "checkpoints, one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or "
+                "load the adapter with lightning_lora.load_adapter and start a new fit."
             )
         checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
         check(checkpoint)
-        deepspeed_io.load_trainable(strategy.lightning_module, checkpoint["state_dict"])
         states = checkpoint.get("optimizer_states") or []
-        if states and strategy.optimizers and groups:  # fitting: the ZeRO optimizer exists (restore after setup)
+        fitting = bool(states and strategy.optimizers and groups)  # the ZeRO optimizer exists (restore after setup)
+        if fitting:
+            deepspeed_io.check_optimizer_state(groups, states[0])
+        deepspeed_io.load_trainable(strategy.lightning_module, checkpoint["state_dict"])
+        if fitting:
             deepspeed_io.load_optimizer_state(strategy.optimizers[0], groups, options, states[0])
         return checkpoint
 

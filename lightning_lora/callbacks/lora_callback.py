@@ -429,7 +429,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Compile the adapted model's blocks (after injection, the precision cast and quantization; before DDP's
         wrap and the optimizers, neither of which a block compiled in place changes), loading the compile cache of an
         earlier run first."""
-        if self._compiled is not None or self._deepspeed or not self.compile_policy.active(trainer.strategy.root_device):
+        if self._deepspeed or self._compiled is not None or not self.compile_policy.active(
+                trainer.strategy.root_device):
             return
         if getattr(trainer.lightning_module, "_compiler_ctx", None) is not None:
             rank_zero_info("lightning_lora: the LightningModule was compiled whole (trainer.fit(torch.compile(...))); "
@@ -597,7 +598,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._export_step()
 
     def _export_step_all_ranks(self) -> None:
-        """FSDP2/DeepSpeed: every rank gathers the adapter (adapter tensors only), rank zero writes the step's export."""
+        """FSDP2/DeepSpeed: every rank gathers the adapter (adapter tensors only), rank zero writes the step export."""
         trainer = self._trainer
         if self.export_on_checkpoint and trainer is not None and self._exported_step != trainer.global_step:
             with self._gathered_export() as tensors:
