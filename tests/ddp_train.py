@@ -23,7 +23,8 @@ import lightning_lora as ll  # noqa: E402
 from lightning_lora.distributed import shard_model  # noqa: E402
 from lightning_lora.methods.base import AdaptedLayer  # noqa: E402
 from conftest import make_llama  # noqa: E402
-from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
+from tiny_modules import RandomTokens, TinyLlamaModule, TokensDataModule  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, DistributedSampler  # noqa: E402
 
 
 # Every weight-update method at once, as named adapters on their own modules (two on q_proj, several on the other
@@ -56,6 +57,11 @@ RUNS = {
 }
 RUNS["bitfit"]["bias"] = True
 RUNS["xlora"]["experts"] = 2
+# per-example adapters (adapter_key): with 2 ranks, rank 0's examples all train "a" and rank 1's all "b"
+ROUTED = {"options": {**NO_TARGETS, "adapter_key": "task", "adapters": {
+    "a": {"method": "lora", "r": 4, "target_modules": ["q_proj"]},
+    "b": {"method": "loha", "r": 4, "target_modules": ["q_proj", "v_proj"]}}},
+    "strategy": "ddp_find_unused_parameters_true"}
 
 
 class ShardedLlama(TinyLlamaModule):
@@ -70,6 +76,37 @@ class ShardedLlama(TinyLlamaModule):
         # the kept-aside original modules hold the shards too, so fully_shard could free the full weights
         assert all(layer.original_module.weight is layer.weight for layer in ll.adapters(self.model).values()
                    if isinstance(layer, AdaptedLayer))
+
+
+class RoutedTokens(Dataset):
+    """``RandomTokens`` as dict batches: example ``i`` trains adapter ``names[i % len(names)]`` (``adapter_key="task"``)."""
+
+    def __init__(self, names: list[str], count: int = 32) -> None:
+        self.data, self.names = RandomTokens(count), names
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.data[index], "task": self.names[index % len(self.names)]}
+
+
+class RoutedData(TokensDataModule):
+    def __init__(self, names: list[str], batch_size: int) -> None:
+        super().__init__(batch_size=batch_size)
+        self.names = names
+
+    def train_dataloader(self) -> DataLoader:
+        data, trainer = RoutedTokens(self.names), self.trainer
+        sampler = DistributedSampler(data, trainer.world_size, trainer.global_rank, shuffle=False)
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler)
+
+
+def routed(module: pl.LightningModule) -> pl.LightningModule:
+    """``module`` reading the token ids of a dict batch."""
+    step = module.training_step
+    module.training_step = lambda batch, batch_idx: step(batch["input_ids"], batch_idx)
+    return module
 
 
 def biased_llama() -> torch.nn.Module:
@@ -89,7 +126,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--quantize", type=json.loads, default=None, help='LoRACallback(quantize=...) as JSON: "int8"')
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
+    parser.add_argument("--strategy", choices=["ddp", "ddp_find_unused_parameters_true", "fsdp2"], default="ddp")
     parser.add_argument("--adapters", choices=["sharded", "replicated"], default="sharded", help="fsdp2 only")
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
@@ -119,8 +156,8 @@ def fit(args: argparse.Namespace) -> None:
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
     if args.devices == 1:
         strategy, module = "auto", TinyLlamaModule(lr=args.lr)
-    elif args.strategy == "ddp":
-        strategy, module = "ddp", TinyLlamaModule(lr=args.lr)
+    elif args.strategy != "fsdp2":
+        strategy, module = args.strategy, TinyLlamaModule(lr=args.lr)
     else:
         strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
         module = ShardedLlama(lr=args.lr, adapters=args.adapters)
@@ -133,7 +170,9 @@ def fit(args: argparse.Namespace) -> None:
                          max_steps=args.max_steps, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=args.out, limit_val_batches=0,
                          callbacks=[callback, checkpoint], use_distributed_sampler=False)
-    trainer.fit(module, TokensDataModule(count=32, batch_size=args.batch_size), ckpt_path=args.resume)
+    key = options.get("adapter_key")
+    data = RoutedData(list(options["adapters"]), args.batch_size) if key else TokensDataModule(32, batch_size=args.batch_size)
+    trainer.fit(routed(module) if key else module, data, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ll.ConfigError, match="build it in __init__ and shard it in configure_model"):
         setup(ConfigureModelLlama(), data_parallel_size=1, tensor_parallel_size=1)
     with pytest.raises(ll.ConfigError, match="adapter_key='task'.*not supported under ModelParallelStrategy.*"
-                                             "without adapter_key.*strategy='ddp'"):
+                                             "without adapter_key.*strategy='ddp_find_unused_parameters_true'"):
         strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
         trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
         ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}},

@@ -101,6 +101,19 @@ def check_strategy(unsupported: Optional[str]) -> None:
         )
 
 
+def check_ddp(strategy: Any, adapter_key: Optional[str]) -> None:
+    """Refuse per-example adapters (``adapter_key``) under a DDP that requires every parameter in every backward: a
+    rank whose batch holds no example of an adapter gives that adapter no gradient, and DDP then stops the fit."""
+    ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning's DDPStrategy (and its subclasses) only
+    if adapter_key is not None and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+        raise ConfigError(
+            f"LoRACallback(adapter_key={adapter_key!r}) under DDP needs find_unused_parameters: a rank's batch may "
+            "hold no example of some adapter, which then gets no gradient there, and DDP stops the fit. Use "
+            "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True)); DDP then "
+            "averages that adapter's gradient from the ranks that used it, as one process would."
+        )
+
+
 def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: dict[str, Any], quantize: Any,
                 adapter_key: Optional[str] = None) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``ModelParallelStrategy``:
@@ -119,7 +132,7 @@ def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: d
             f"LoRACallback(adapter_key={adapter_key!r}) is not supported under ModelParallelStrategy (FSDP2): "
             "per-example routing keeps each layer's adapter tensors from before the forward, and FSDP2 swaps in "
             "gathered ones inside each block's forward. Train the named adapters without adapter_key (all active), or "
-            "with strategy='ddp'."
+            "with strategy='ddp_find_unused_parameters_true'."
         )
     if merge_options.get("merge_target", "dequantized") != "dequantized":
         raise ConfigError(

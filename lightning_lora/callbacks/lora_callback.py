@@ -42,7 +42,7 @@ from lightning_lora.callbacks.exports import (
     tokenizer_of,
 )
 from lightning_lora.callbacks.hooks import unwrap, wrap_once
-from lightning_lora.callbacks.loraplus import apply_loraplus
+from lightning_lora.callbacks.loraplus import apply_loraplus, loraplus_rates, split_groups
 from lightning_lora.callbacks.named import inject_named, named_configs, route_batch
 from lightning_lora.callbacks.options import differences as option_changes, merge_options
 from lightning_lora.callbacks.resume import check_identity, check_state, rng_state, set_rng_state
@@ -339,6 +339,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
         self._deepspeed = is_deepspeed(trainer.strategy)
+        if stage == "fit" and not self._deepspeed:  # (DeepSpeedStrategy is a DDPStrategy too; it refuses named adapters)
+            fsdp2.check_ddp(trainer.strategy, self.adapter_key)
         if self._sharded:
             self._setup_fsdp2(trainer, pl_module)
         elif self._deepspeed:
@@ -384,8 +386,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         (callbacks/deepspeed.py). ZeRO-3 runs configure_model inside deepspeed.zero.Init, so there the adapters go
         in before it, as under FSDP2."""
         zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, bool(self.named_configs),
-                             self.quantize, self.compile_policy.enabled,
-                             getattr(self.config, "loraplus_lr_ratio", None) is not None)
+                             self.quantize, self.compile_policy.enabled)
         if zero.zero_stage(trainer.strategy) == 3:
             try:
                 self._inject(trainer, pl_module)
@@ -395,9 +396,13 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             wrap_once(pl_module, "configure_model", after=lambda: self._inject(trainer, pl_module))
         else:
             self._inject(trainer, pl_module)
+        ratio = getattr(self.config, "loraplus_lr_ratio", None)
+        loraplus = None if ratio is None else lambda optimizer, scheduler: split_groups(  # before ZeRO flattens them
+            optimizer, [scheduler] if scheduler is not None else [],
+            loraplus_rates(adapters(self.model), ratio, self.config.loraplus_lr_embedding))
         zero.use_adapter_checkpoints(trainer.strategy, self._frozen_keys,
                                      lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
-                                     self._export_step_all_ranks)
+                                     self._export_step_all_ranks, loraplus)
 
     def _restore_optimizer_states(self, states: list) -> None:
         """FSDP2: a checkpoint's optimizer states, loaded once the optimizers hold only trainable parameters. Under
@@ -517,7 +522,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         params = list(adapter_parameters(self.model))
         if not any(p.requires_grad for p in params):
             raise ConfigError("No adapter parameter requires grad; was requires_grad changed after injection?")
-        if getattr(self.config, "loraplus_lr_ratio", None) is not None:
+        if getattr(self.config, "loraplus_lr_ratio", None) is not None and not self._deepspeed:  # there: before ZeRO
             apply_loraplus(trainer, adapters(self.model), self.config.loraplus_lr_ratio,
                            self.config.loraplus_lr_embedding)
         half = {str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)}
