@@ -91,10 +91,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
     parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
     parser.add_argument("--precision", default="32-true", help="the Trainer's precision (bf16-mixed: ZeRO's bf16)")
+    parser.add_argument("--loraplus", type=float, default=None, help="LoRACallback(loraplus_lr_ratio=...)")
     args = parser.parse_args(argv)
     pl.seed_everything(0)
+    # compile=False: one GPU would compile the blocks by default (DeepSpeed never does); the runs must do the same math
     callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
-                               export_merged=args.export_merged, export_on_checkpoint=True)
+                               export_merged=args.export_merged, export_on_checkpoint=True,
+                               loraplus_lr_ratio=args.loraplus, compile=False)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
     strategy: object = "auto"
     if args.stage:

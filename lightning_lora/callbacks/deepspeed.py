@@ -7,8 +7,8 @@ the adapter and its optimizer state only, so ``use_adapter_checkpoints`` replace
 its class; ``remove_adapter_checkpoints`` takes them off in ``teardown``):
 
 - ``_setup_model_and_optimizer`` (where Lightning calls ``deepspeed.initialize``): the frozen parameters leave the
-  optimizer's groups first, so ZeRO flattens and partitions the adapter only, and the groups are recorded (one
-  process's parameter order, for the optimizer state);
+  optimizer's groups first (and LoRA+ splits them), so ZeRO flattens and partitions the adapter only, and the groups
+  are recorded (one process's parameter order, for the optimizer state);
 - ``lightning_module_state_dict`` / ``optimizer_state``: whole float32 adapter tensors and Adam state, one tensor at a
   time, in one process's layout (``lightning_lora.deepspeed_io``);
 - ``save_checkpoint``: one ``.ckpt`` file written by rank zero through the strategy's ``checkpoint_io`` (the callback's
@@ -40,7 +40,7 @@ def zero_stage(strategy: Any) -> int:
 
 
 def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: bool, quantize: Any,
-                    compile_enabled: Optional[bool], loraplus: bool) -> None:
+                    compile_enabled: Optional[bool]) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``."""
     stage = zero_stage(strategy)
     fix = "Use strategy='ddp', or ModelParallelStrategy with FSDP2 (lightning_lora.distributed.shard_model)"
@@ -68,12 +68,6 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: boo
             "3 gathers each parameter in hooks around every module). Drop compile= (it is off under DeepSpeed), or "
             "use strategy='ddp'."
         )
-    if loraplus:
-        raise ConfigError(
-            "LoRACallback(loraplus_lr_ratio=...) under DeepSpeedStrategy: LoRA+ splits the optimizer's parameter "
-            "groups after the optimizer exists, and ZeRO has flattened them by then. Put lora_B in its own parameter "
-            "group with the higher learning rate in configure_optimizers, or use strategy='ddp'."
-        )
 
 
 def refuse_late_model(err: ConfigError) -> ConfigError:
@@ -87,11 +81,13 @@ def refuse_late_model(err: ConfigError) -> ConfigError:
 
 
 def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], check: Callable[[dict], None],
-                            after_save: Callable[[], None]) -> None:
+                            after_save: Callable[[], None],
+                            split_groups: Optional[Callable[[Any, Any], Any]] = None) -> None:
     """Make ``strategy`` (a ``DeepSpeedStrategy``) train only the adapter and save and load adapter-only checkpoints
     (module docstring). ``frozen_keys()``: the LightningModule's state keys left out; ``check(checkpoint)`` refuses
     a checkpoint of another adapter before anything is loaded; ``after_save()`` runs on every rank once the file is
-    written."""
+    written; ``split_groups(optimizer, lr_scheduler)`` (LoRA+) regroups the trainable parameters before ZeRO
+    flattens them, as the callback does after pruning in one process."""
     groups: list[list[nn.Parameter]] = []  # the optimizer's trainable parameters, as one process numbers them
     options: list[dict[str, Any]] = []  # its live group dicts (learning rates a scheduler changes)
     setup = strategy._setup_model_and_optimizer
@@ -100,6 +96,8 @@ def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], 
         if optimizer is not None:
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if p.requires_grad]
+            if split_groups is not None:
+                split_groups(optimizer, lr_scheduler)
             groups[:] = [list(group["params"]) for group in optimizer.param_groups]
             options[:] = list(optimizer.param_groups)
         return setup(model, optimizer, lr_scheduler)
