@@ -68,6 +68,13 @@ class BatchRoute:
             )
 
 
+def _factor(update: LoRAUpdate, name: str) -> Tensor:
+    try:
+        return update._modules[name]._parameters["weight"]
+    except KeyError:  # computed (torch.nn.utils.parametrize): read once per batch
+        return getattr(update, name).weight
+
+
 class _Mask:
     """The mask of one rank layout (the LoRA adapters a layer holds, in order): each example's own adapter's rank
     columns hold its scaling, the others zero. Built once per batch and layout, (batch, 1, R) in float32 on the
@@ -106,8 +113,8 @@ class LayerRoute:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
-        self.a = tuple([u._modules["lora_A"]._parameters["weight"] for u in self.lora])
-        self.b = tuple([u._modules["lora_B"]._parameters["weight"] for u in self.lora])
+        self.a = tuple([_factor(u, "lora_A") for u in self.lora])
+        self.b = tuple([_factor(u, "lora_B") for u in self.lora])
         # With autograd, an adapter absent from the batch takes part detached: its gradient stays None, not zero, so
         # an optimizer leaves it alone (no weight decay or momentum step), as separate per-adapter runs would.
         self.a_grad, self.b_grad = self.a, self.b
@@ -141,6 +148,21 @@ class LayerRoute:
         if self.lora:
             out = self._lora_rows(layer, x, out)
         return out
+
+    def decode_plan(self, layer: AdaptedLayer, x: Tensor) -> Optional[Tensor]:
+        """The layer's whole forward without autograd, which ``AdaptedLayer._plain_state`` takes as its decode plan
+        for an ``nn.Linear`` base: the base ``linear`` and this route, without the general path's bookkeeping. None
+        (the general path) for a generic update or dropout in training."""
+        if self.others or (self.dropout != 0 and layer.training):
+            return None
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        try:
+            weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+        except KeyError:  # computed (torch.nn.utils.parametrize)
+            weight, bias = layer.weight, layer.bias
+        out = self(layer, x, F.linear(x, weight, bias))
+        return out.view(*shape[:-1], out.shape[-1])
 
     def _lora_rows(self, layer: AdaptedLayer, x: Tensor, out: Tensor) -> Tensor:
         """``out`` plus each example's own LoRA update, in the kernels of a single LoRA and one multiply: ``x``
@@ -213,7 +235,9 @@ class _Layout:
 def _layout(layer: AdaptedLayer, in_batch: list[str]) -> _Layout:
     """The layer's ``_Layout``; refuses an adapter of the batch that cannot mix (merged, or input-transforming)."""
     updates = layer._modules["adapters"]
-    key = tuple((n, id(u), u.merged) for n, u in updates.items())
+    # an update added, replaced or removed bumps ``changes``; while none is merged, ``exact_base`` is None
+    key = (id(updates), updates.changes,
+           None if layer.exact_base is None else tuple(u.merged for u in updates.values()))
     cached = layer.__dict__.get("_mixed_layout")
     if cached is None or cached[0] != key:
         cached = layer.__dict__["_mixed_layout"] = (key, _Layout(layer))

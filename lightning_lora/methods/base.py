@@ -259,11 +259,14 @@ class AdaptedLayer(nn.Module):
         updates' ``decode_plan`` (None: none); kept until an attribute it reads is set (``__setattr__``), a merge
         changes, or an adapter is added, replaced or removed."""
         plan = None
-        if self.enabled:
+        if self.enabled and self.batch_route is not None:  # per-example adapters: the route's own plan, if any
+            plain = False
+            plan = getattr(self.batch_route, "decode_plan", None) if self.base_op is _linear else None
+        elif self.enabled:
             pending = [self.adapters[n] for n in self.active_names() if n in self.adapters]
             pending = [u for u in pending if not u.merged]
-            plain = self.batch_route is None and not pending
-            if self.batch_route is None and pending and self.base_op is _linear and not self.adapters.transforms_input:
+            plain = not pending
+            if pending and self.base_op is _linear and not self.adapters.transforms_input:
                 plan = type(pending[0]).decode_plan(pending)
         else:
             plain = self.exact_base is None
