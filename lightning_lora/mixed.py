@@ -68,13 +68,6 @@ class BatchRoute:
             )
 
 
-def _factor(update: LoRAUpdate, name: str) -> Tensor:
-    try:
-        return update._modules[name]._parameters["weight"]
-    except KeyError:  # computed (torch.nn.utils.parametrize): read once per batch
-        return getattr(update, name).weight
-
-
 class _Mask:
     """The mask of one rank layout (the LoRA adapters a layer holds, in order): each example's own adapter's rank
     columns hold its scaling, the others zero. Built once per batch and layout, (batch, 1, R) in float32 on the
@@ -113,8 +106,11 @@ class LayerRoute:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
-        self.a = tuple([_factor(u, "lora_A") for u in self.lora])
-        self.b = tuple([_factor(u, "lora_B") for u in self.lora])
+        self.a = tuple([u._modules["lora_A"]._parameters.get("weight") for u in self.lora])
+        self.b = tuple([u._modules["lora_B"]._parameters.get("weight") for u in self.lora])
+        if any([t is None for t in self.a + self.b]):  # computed (torch.nn.utils.parametrize): read once per batch
+            self.a = tuple([u.lora_A.weight for u in self.lora])
+            self.b = tuple([u.lora_B.weight for u in self.lora])
         # With autograd, an adapter absent from the batch takes part detached: its gradient stays None, not zero, so
         # an optimizer leaves it alone (no weight decay or momentum step), as separate per-adapter runs would.
         self.a_grad, self.b_grad = self.a, self.b
@@ -242,7 +238,7 @@ def _layout(layer: AdaptedLayer, in_batch: list[str]) -> _Layout:
     if cached is None or cached[0] != key:
         cached = layer.__dict__["_mixed_layout"] = (key, _Layout(layer))
     for name in in_batch:
-        update = updates[name] if name in updates else None
+        update = updates._modules.get(name)  # (not ModuleDict's Python-level __contains__ and __getitem__)
         if update is None:
             continue
         if update.merged:
