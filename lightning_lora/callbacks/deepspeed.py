@@ -58,8 +58,9 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: boo
         )
     if quantize is not None:
         raise ConfigError(
-            f"LoRACallback(quantize={quantize.format!r}) under DeepSpeedStrategy: ZeRO flattens, casts and broadcasts "
-            "parameters as plain tensors, which a quantized base (a torchao tensor subclass) is not. Train a quantized "
+            f"LoRACallback(quantize={quantize.format!r}) under DeepSpeedStrategy: deepspeed.initialize broadcasts "
+            "every parameter from rank zero as bytes (a view as uint8), which a quantized weight (a torchao tensor "
+            "subclass) does not support, and ZeRO-3 would partition it as a flat plain tensor. Train a quantized "
             "base with strategy='ddp', or with ModelParallelStrategy (FSDP2 shards torchao's NF4)."
         )
     if compile_enabled:
