@@ -40,13 +40,16 @@ on 7 projections, fp32 adapters, AdamW; GiB = 2**30 bytes; 4,096 tokens a rank):
       output saved for backward (1.96); in backward: the saved output + nll's and log_softmax's fp32 gradients     5.87
     loss, compiled (the callback's loss compile): the bf16 logits kept for backward + their bf16 gradient          1.96
     one layer's recompute + backward: its forward saves 0.77, its backward holds 1.02 at most (eager, fake
-      tensors: benchmarks/layer_memory.py), + one dequantized NF4 weight 0.11                                    ~1.1
+      tensors: benchmarks/fake_memory.py --layer), + one dequantized NF4 weight 0.11                             ~1.1
 
     1 GPU eager: 5.78 + 1.00 + 5.87 (at the loss's backward) + 0.06 (final norm)                  = 12.7 (measured 12.8)
     FSDP2 x2 eager, before: shards (3.35 + 1.96) / 2 = 2.65, replicated adapters + AdamW 0.47, embed_tokens +
       lm_head whole all step 1.96 (they sat in the root unit, which FSDP2 never reshards after forward),
       1.00 + 5.87, ~0.2 of gathered NF4 layers                                                    = 12.2 (measured 12.2)
-    FSDP2 x2 eager, embeddings as own units: 2.65 + 0.47 + 1.00 + 5.87 + 0.2                      = 10.2 (0.80x)
+    FSDP2 x2 eager, embeddings as own units: 2.65 + 0.47 + 1.00 + 5.87 + lm_head's all-gather buffer 0.98
+      (the root's pre-backward prefetches lm_head, the last unit, right at the loss's backward)     = 11.0 (0.86x)
+    On fake tensors (benchmarks/fake_memory.py, eager; it leaves out the replicated adapters, 0.16): 1 GPU 12.72,
+      FSDP2 x2 with the embeddings in the root 11.97 (+0.16 = 12.1, measured 12.2), as own units 10.89 (+0.16).
     1 GPU compiled: 5.78 + 1.00 + 1.96 + 0.06                                                      =  8.8
       (its backward through the last layer: 5.78 + 0.16 gradients + 1.00 + 1.1 = 8.0, below that)
     FSDP2 x2 compiled: 2.65 + 0.47 + 1.00 + at lm_head's backward: its bf16 logit gradient 0.98 + lm_head
