@@ -267,6 +267,15 @@ def _adapted_layers(model: nn.Module) -> list[AdaptedLayer]:
     return found
 
 
+def _to(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (built on the CPU) on ``device``. To CUDA from pinned memory without blocking: a copy from pageable
+    memory waits for the stream, which would hold the host at every batch until the previous step's kernels ran
+    (PyTorch's pinned allocator keeps the source until the copy is done)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None:
     """Make each example ``i`` of the following forwards use adapter ``names[i]`` (None or ``"__base__"``: the base
     alone), until ``clear_batch_adapters``. The model is unchanged on error (an unknown name, a merged adapter, a
@@ -292,7 +301,7 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
 
     def rows_of(name: str, device: torch.device) -> Tensor:  # (batch, 1): 1 on the rows of adapter ``name``
         if ("rows", name, device) not in made:
-            made["rows", name, device] = torch.tensor([[float(n == name)] for n in names], device=device)
+            made["rows", name, device] = _to(torch.tensor([[float(n == name)] for n in names]), device)
         return made["rows", name, device]
 
     def mask_of(layout: _Layout, device: torch.device) -> _Mask:
@@ -303,14 +312,14 @@ def set_batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> None
             for j, (n, r, scaling) in enumerate(layout.columns):
                 table[j, start:start + r], slot[n], start = scaling, j, start + r
             rows = torch.tensor([slot.get(n, len(slot)) for n in names])
-            made[key] = _Mask(table[rows].unsqueeze(1).to(device))
+            made[key] = _Mask(_to(table[rows].unsqueeze(1), device))
         return made[key]
 
     def keep_of(layout: _Layout, device: torch.device) -> Tensor:  # (batch, 1, 1): each row's keep probability
         p = layout.dropouts
         if ("keep", tuple(p.items()), device) not in made:
-            made["keep", tuple(p.items()), device] = torch.tensor([1 - p.get(n, 0.0) for n in names],
-                                                                  device=device).view(batch, 1, 1)
+            made["keep", tuple(p.items()), device] = _to(torch.tensor([1 - p.get(n, 0.0) for n in names]),
+                                                         device).view(batch, 1, 1)
         return made["keep", tuple(p.items()), device]
 
     routes, batch_set = [], set(in_batch)
