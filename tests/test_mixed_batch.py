@@ -252,3 +252,21 @@ def test_an_adapter_absent_from_a_training_batch_gets_no_gradient() -> None:
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert all(g is None for n, g in grads.items() if ".adapters.c." in n)
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".adapters.c." not in n)
+
+
+def test_a_layers_kept_layout_follows_added_and_deleted_adapters() -> None:
+    """What a layer keeps between batches (its adapters' rank layout) is rebuilt when an adapter is added or deleted."""
+    from lightning_lora import delete_adapter
+
+    model = three_adapters()
+    tokens = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with adapter_batch(model, ["a", "b", "c"]):
+            model(tokens)
+        delete_adapter(model, "b")
+        inject(model, dict(method="lora", r=5, target_modules=["v_proj", "o_proj"], init_weights=False), seed=4,
+               name="d")
+        names = ["d", "a", "c"]
+        with adapter_batch(model, names):
+            mixed = model(tokens).logits
+        torch.testing.assert_close(mixed, one_by_one(model, tokens, names), rtol=1e-5, atol=1e-5)
