@@ -46,6 +46,27 @@ def _gib(snapshot: dict) -> str:
     return ", ".join(f"{str(k).split('.')[-1].lower()} {v / 2**30:.2f}" for k, v in kinds.items() if v) + " GiB"
 
 
+def _fused_loss_memory():
+    """A stand-in with the memory of the callback's compiled loss (Inductor fuses the float32 upcast, log-softmax and
+    its backward): forward keeps the bf16 logits and one float32 per row, backward returns one bf16 gradient. Fake
+    tensors carry no values, so only the allocations matter."""
+    import torch
+
+    class FusedLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits):
+            lse = logits.new_empty(logits.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(logits, lse)
+            return lse.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            logits, _ = ctx.saved_tensors
+            return torch.empty_like(logits)
+
+    return lambda logits, labels, vocab_size, **kwargs: FusedLoss.apply(logits)
+
+
 def layer_memory(args: argparse.Namespace) -> None:
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -115,6 +136,8 @@ def _step_memory(args: argparse.Namespace, config, run: dict, mesh) -> None:
         if args.embeddings == "root":
             distributed.separate_embeddings = lambda model, blocks: []
         distributed.shard_model(model, mesh, adapters="replicated")
+    if args.loss == "fused":
+        model.loss_function = _fused_loss_memory()
     if run["grad_ckpt"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -133,6 +156,7 @@ def _step_memory(args: argparse.Namespace, config, run: dict, mesh) -> None:
     with tracker:
         step()
     layout = f"FSDP2 x{args.world}, embeddings in {args.embeddings}" if args.world > 1 else "one rank"
+    layout += ", loss as compiled" if args.loss == "fused" else ""
     print(f"{args.shape} {args.base}, batch {run['batch']} x {run['seq']}"
           f"{' + ckpt' if run['grad_ckpt'] else ''}, {layout}: peak {_gib(tracker.get_tracker_snapshot('peak'))}")
 
@@ -144,6 +168,8 @@ def main() -> None:
     p.add_argument("--world", type=int, default=1, help="FSDP2 ranks (a fake process group); 1: no FSDP2")
     p.add_argument("--embeddings", default="own", choices=["own", "root"],
                    help="FSDP2: the untied embeddings as their own units (shard_model) or left in the root unit")
+    p.add_argument("--loss", default="eager", choices=["eager", "fused"],
+                   help="fused: the compiled loss's memory (bf16 logits kept, bf16 gradient; the layers stay eager)")
     p.add_argument("--layer", action="store_true", help="one decoder layer's forward and backward only")
     p.add_argument("--batch", type=int, default=2, help="--layer's batch")
     p.add_argument("--seq", type=int, default=2048, help="--layer's sequence length")
