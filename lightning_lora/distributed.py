@@ -93,8 +93,9 @@ def shard_model(model: nn.Module, mesh: Any = None, *, blocks: Optional[Iterable
 
     ``adapters="sharded"`` shards adapter tensors with their block (least memory); ``"replicated"`` keeps them whole
     on every rank (no all-gather of adapters in forward; their gradients are averaged before each optimizer step).
-    Every method trains either way, several named adapters too (tests/test_fsdp.py). ``mesh``: the data-parallel mesh (``self.device_mesh["data_parallel"]`` in a LightningModule); extra keyword
-    arguments go to every ``fully_shard`` call (``mp_policy``, ``reshard_after_forward``, ...).
+    Every method trains either way, several named adapters too (tests/test_fsdp.py). ``mesh``: the data-parallel
+    mesh (``self.device_mesh["data_parallel"]`` in a LightningModule); extra keyword arguments go to every
+    ``fully_shard`` call (``mp_policy``, ``reshard_after_forward``, ...).
     """
     from torch.distributed.fsdp import fully_shard
 

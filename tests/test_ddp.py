@@ -64,7 +64,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> Non
     assert all(".lora_" in key for key in last["state_dict"])  # the adapter only
 
 
-def test_per_example_adapters_under_ddp_need_find_unused_parameters(tmp_path: Path) -> None:
+def test_steps_without_an_adapter_gradient_under_ddp_need_find_unused_parameters(tmp_path: Path) -> None:
     """A rank whose batch holds no example of an adapter gives it no gradient, which plain DDP stops the fit for
     (shown by the routed run above, where it passes with find_unused_parameters): refused in setup, model untouched."""
     import pytest
@@ -77,8 +77,13 @@ def test_per_example_adapters_under_ddp_need_find_unused_parameters(tmp_path: Pa
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False, default_root_dir=tmp_path)
     callback = ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}},
                                adapter_key="task")
-    with pytest.raises(ll.ConfigError, match="adapter_key='task'.*under DDP needs find_unused_parameters.*"
+    with pytest.raises(ll.ConfigError, match="under DDP: adapter_key='task': a rank's batch may hold no example.*"
                                              "strategy='ddp_find_unused_parameters_true'"):
         callback.setup(trainer, module, "fit")
+    assert not ll.adapters(module.model)
+    # LoHa/LoKr's module dropout skips a layer's whole update in some steps: the same, named by adapter
+    with pytest.raises(ll.ConfigError, match="b's module_dropout skips its whole update.*find_unused_parameters_true"):
+        ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]},
+                                  "b": {"method": "lokr", "r": 4, "module_dropout": 0.1}}).setup(trainer, module, "fit")
     assert not ll.adapters(module.model)
     callback.setup(trainer, module, "validate")  # no backward, nothing to refuse

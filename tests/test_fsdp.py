@@ -110,8 +110,8 @@ def assert_same_files(got: Path, expected: Path) -> int:
 
 
 def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
-    """Tensor parallelism, a model that does not exist before configure_model, and per-example adapter routing are
-    refused in setup, with the model untouched."""
+    """Tensor parallelism, a model that does not exist before configure_model, per-example adapter routing and
+    LoHa/LoKr's module dropout are refused in setup, with the model untouched."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -136,6 +136,9 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
         trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
         ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}},
                         adapter_key="task").setup(trainer, module, "fit")
+    assert not ll.adapters(module.model)
+    with pytest.raises(ll.ConfigError, match="loha set module_dropout.*module_dropout=0.*ddp_find_unused_parameters_true"):
+        ll.LoRACallback("loha", r=4, module_dropout=0.2, export_merged=False).setup(trainer, module, "fit")
     assert not ll.adapters(module.model)
 
 

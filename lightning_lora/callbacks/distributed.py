@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lightning_lora import distributed
-from lightning_lora.config import ConfigError
+from lightning_lora.config import AdapterConfig, ConfigError
 
 _UNSUPPORTED = {
     "FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors would share flat "
@@ -101,25 +101,37 @@ def check_strategy(unsupported: Optional[str]) -> None:
         )
 
 
-def check_ddp(strategy: Any, adapter_key: Optional[str]) -> None:
-    """Refuse per-example adapters (``adapter_key``) under a DDP that requires every parameter in every backward: a
-    rank whose batch holds no example of an adapter gives that adapter no gradient, and DDP then stops the fit."""
+def skipping_updates(configs: dict[str, AdapterConfig]) -> list[str]:
+    """The adapters (by name, or method when unnamed) whose update a training step may skip whole, leaving its
+    parameters without a gradient on that rank: LoHa/LoKr with ``module_dropout`` (OFT's keeps a gradient)."""
+    return [name or config.method for name, config in configs.items()
+            if config.method in ("loha", "lokr") and config.module_dropout > 0]
+
+
+def check_ddp(strategy: Any, adapter_key: Optional[str], configs: dict[str, AdapterConfig]) -> None:
+    """Refuse, under a DDP that requires every parameter in every backward, what leaves a rank's adapter parameters
+    without a gradient in some step: per-example adapters (``adapter_key``: a rank whose batch holds no example of an
+    adapter) and LoHa/LoKr's ``module_dropout``; DDP would stop the fit there."""
     ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)  # Lightning's DDPStrategy (and its subclasses) only
-    if adapter_key is not None and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+    if ddp_kwargs is None or ddp_kwargs.get("find_unused_parameters", False):
+        return
+    why = ([f"adapter_key={adapter_key!r}: a rank's batch may hold no example of some adapter"] if adapter_key else []
+           ) + [f"{name}'s module_dropout skips its whole update in some steps" for name in skipping_updates(configs)]
+    if why:
         raise ConfigError(
-            f"LoRACallback(adapter_key={adapter_key!r}) under DDP needs find_unused_parameters: a rank's batch may "
-            "hold no example of some adapter, which then gets no gradient there, and DDP stops the fit. Use "
-            "strategy='ddp_find_unused_parameters_true' (or DDPStrategy(find_unused_parameters=True)); DDP then "
-            "averages that adapter's gradient from the ranks that used it, as one process would."
+            f"LoRACallback under DDP: {'; '.join(why)}, so those adapter parameters get no gradient on that rank and "
+            "DDP stops the fit. Use strategy='ddp_find_unused_parameters_true' (or "
+            "DDPStrategy(find_unused_parameters=True)): DDP then averages each gradient over the ranks, counting a "
+            "rank without one as zero, as one process's mean over the global batch."
         )
 
 
 def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: dict[str, Any], quantize: Any,
-                adapter_key: Optional[str] = None) -> None:
+                adapter_key: Optional[str] = None, configs: Optional[dict[str, AdapterConfig]] = None) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``ModelParallelStrategy``:
-    tensor parallelism, per-example adapters (``adapter_key``), a merge target other than dequantized, a true-half
-    cast of a quantized base, and packed int4. Every method, and several named adapters, train under FSDP2 with
-    adapters sharded or replicated (tests/test_fsdp.py)."""
+    tensor parallelism, per-example adapters (``adapter_key``), LoHa/LoKr's module dropout, a merge target other than
+    dequantized, a true-half cast of a quantized base, and packed int4. Every method, and several named adapters,
+    train under FSDP2 with adapters sharded or replicated (tests/test_fsdp.py)."""
     tp = tensor_parallel_size(strategy)
     if tp != 1:
         raise ConfigError(
@@ -133,6 +145,14 @@ def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: d
             "per-example routing keeps each layer's adapter tensors from before the forward, and FSDP2 swaps in "
             "gathered ones inside each block's forward. Train the named adapters without adapter_key (all active), or "
             "with strategy='ddp_find_unused_parameters_true'."
+        )
+    skipping = skipping_updates(configs or {})
+    if skipping:
+        raise ConfigError(
+            f"LoRACallback under ModelParallelStrategy (FSDP2): {', '.join(skipping)} set module_dropout, which "
+            "skips a layer's whole update in some steps, drawn on each rank; a rank that skips has no gradient for "
+            "it, and FSDP2's gradient reduction needs the same gradients from every rank. Set module_dropout=0 "
+            "(rank_dropout is fine), or train with strategy='ddp_find_unused_parameters_true'."
         )
     if merge_options.get("merge_target", "dequantized") != "dequantized":
         raise ConfigError(

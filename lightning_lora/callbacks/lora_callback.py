@@ -339,8 +339,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
         self._deepspeed = is_deepspeed(trainer.strategy)
-        if stage == "fit" and not self._deepspeed:  # (DeepSpeedStrategy is a DDPStrategy too; it refuses named adapters)
-            fsdp2.check_ddp(trainer.strategy, self.adapter_key)
+        if stage == "fit" and not self._deepspeed:  # DeepSpeedStrategy is a DDPStrategy too, with its own checks
+            fsdp2.check_ddp(trainer.strategy, self.adapter_key, self.named_configs or {"": self.config})
         if self._sharded:
             self._setup_fsdp2(trainer, pl_module)
         elif self._deepspeed:
@@ -365,7 +365,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Under ModelParallelStrategy the user's configure_model shards the model, so the adapters go in now, before
         it (every rank then shards the adapted tree), and checkpoints become adapter-only (callbacks/distributed.py)."""
         fsdp2.check_fsdp2(trainer.strategy, trainer.world_size, str(getattr(trainer.precision_plugin, "precision", "")),
-                          self.merge_options, self.quantize, self.adapter_key)
+                          self.merge_options, self.quantize, self.adapter_key,
+                          self.named_configs or {"": self.config})
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
