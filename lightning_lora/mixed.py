@@ -106,9 +106,10 @@ class LayerRoute:
         self.batch = batch
         self.lora = layout.lora  # the layer's LoRA adapters (fast path), in the layer's order
         # (nn.Module.__getattr__ would cost more than the rest of this, over a 1B model's 112 layers)
-        self.a = tuple([u._modules["lora_A"]._parameters.get("weight") for u in self.lora])
-        self.b = tuple([u._modules["lora_B"]._parameters.get("weight") for u in self.lora])
-        if any([t is None for t in self.a + self.b]):  # computed (torch.nn.utils.parametrize): read once per batch
+        try:
+            self.a = tuple([u._modules["lora_A"]._parameters["weight"] for u in self.lora])
+            self.b = tuple([u._modules["lora_B"]._parameters["weight"] for u in self.lora])
+        except KeyError:  # computed (torch.nn.utils.parametrize): read once per batch
             self.a = tuple([u.lora_A.weight for u in self.lora])
             self.b = tuple([u.lora_B.weight for u in self.lora])
         # With autograd, an adapter absent from the batch takes part detached: its gradient stays None, not zero, so
