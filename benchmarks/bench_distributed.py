@@ -49,7 +49,8 @@ on 7 projections, fp32 adapters, AdamW; GiB = 2**30 bytes; 4,096 tokens a rank):
     FSDP2 x2 eager, embeddings as own units: 2.65 + 0.47 + 1.00 + 5.87 + lm_head's all-gather buffer 0.98
       (the root's pre-backward prefetches lm_head, the last unit, right at the loss's backward)     = 11.0 (0.86x)
     On fake tensors (benchmarks/fake_memory.py, eager; it leaves out the replicated adapters, 0.16): 1 GPU 12.72,
-      FSDP2 x2 with the embeddings in the root 11.97 (+0.16 = 12.1, measured 12.2), as own units 10.89 (+0.16).
+      FSDP2 x2 with the embeddings in the root 11.97 (+0.16 = 12.1, measured 12.2), as own units 10.89 (+0.16);
+      with the compiled loss's memory (--loss fused): 1 GPU 8.81, FSDP2 x2 7.01 (+0.16).
     1 GPU compiled: 5.78 + 1.00 + 1.96 + 0.06                                                      =  8.8
       (its backward through the last layer: 5.78 + 0.16 gradients + 1.00 + 1.1 = 8.0, below that)
     FSDP2 x2 compiled: 2.65 + 0.47 + 1.00 + at lm_head's backward: its bf16 logit gradient 0.98 + lm_head
