@@ -138,12 +138,23 @@ def replicated_trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def average_replicated_grads(params: Iterable[nn.Parameter], group: Any = None) -> None:
-    """Average the gradients of parameters kept whole on every rank over ``group`` (one all-reduce of all of them),
-    as DDP would; FSDP2 reduces only the parameters it shards."""
+    """Average the gradients of parameters kept whole on every rank over ``group`` (one all-reduce of all of them,
+    after a small one of which have a gradient anywhere), as DDP with ``find_unused_parameters`` would; FSDP2 reduces
+    only the parameters it shards."""
     import torch.distributed as dist
 
+    params = list(params)
+    if not params or not dist.is_initialized():
+        return
+    # a parameter may have a gradient on some ranks only (an adapter none of a rank's examples used): it counts as
+    # zero there, as in one process's mean over the global batch, and every rank reduces the same tensors
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(used, op=dist.ReduceOp.MAX, group=group)
+    for param, anywhere in zip(params, used.tolist()):
+        if anywhere and param.grad is None:
+            param.grad = torch.zeros_like(param)
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not dist.is_initialized():
+    if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)

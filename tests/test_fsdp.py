@@ -47,8 +47,8 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: 
     float32 base (saved at world size 2 and resumed at 1, and back), with LoRA also trained with its blocks compiled
     (``compile=True``: regional torch.compile of FSDP2-sharded blocks, equal to one eager process); replicated
     adapters over an NF4 base (quantized before sharding, so FSDP2 shards the NF4 weights; the merged export
-    dequantizes each gathered weight)."""
-    from ddp_train import RUNS, WEIGHT_UPDATES
+    dequantizes each gathered weight), and per-example adapters (``adapter_key``) there."""
+    from ddp_train import ROUTED, RUNS, WEIGHT_UPDATES
 
     inserted = {name: run for name, run in RUNS.items() if name != "weight_updates"}
     runs = {"lora": {}, "weight_updates": RUNS["weight_updates"]}
@@ -57,6 +57,8 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: 
     else:  # inserted methods adapt no linear layer: every frozen one is quantized
         runs.update({name: {**run, "quantize": {**json.loads(NF4), "modules": "all-linear"}}
                      for name, run in inserted.items()})
+        # per-example adapters (replicated ones only): rank 0's examples all train "a", rank 1's all "b"
+        runs["routed"] = {**ROUTED, "strategy": "fsdp2", "quantize": None}
     common = ("--export-merged", "--quantize", quantize)
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     train(one_dir, 1, 8, *common, "--runs", json.dumps({k: v for k, v in runs.items() if k != "compiled"}))
@@ -110,8 +112,8 @@ def assert_same_files(got: Path, expected: Path) -> int:
 
 
 def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
-    """Tensor parallelism, a model that does not exist before configure_model, per-example adapter routing and
-    LoHa/LoKr's module dropout are refused in setup, with the model untouched."""
+    """Tensor parallelism, a model that does not exist before configure_model and LoHa/LoKr's module dropout are
+    refused in setup, with the model untouched."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -130,16 +132,39 @@ def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
     assert not ll.adapters(module.model)
     with pytest.raises(ll.ConfigError, match="build it in __init__ and shard it in configure_model"):
         setup(ConfigureModelLlama(), data_parallel_size=1, tensor_parallel_size=1)
-    with pytest.raises(ll.ConfigError, match="adapter_key='task'.*not supported under ModelParallelStrategy.*"
-                                             "without adapter_key.*strategy='ddp_find_unused_parameters_true'"):
-        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
-        ll.LoRACallback(adapters={"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}},
-                        adapter_key="task").setup(trainer, module, "fit")
-    assert not ll.adapters(module.model)
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, default_root_dir=tmp_path)
     with pytest.raises(ll.ConfigError, match="loha set module_dropout.*module_dropout=0.*ddp_find_unused_parameters_true"):
         ll.LoRACallback("loha", r=4, module_dropout=0.2, export_merged=False).setup(trainer, module, "fit")
     assert not ll.adapters(module.model)
+
+
+def test_per_example_adapters_need_replicated_adapters() -> None:
+    """adapter_key under FSDP2 (checked once configure_model has sharded the model): refused for sharded adapters,
+    which a batch's route would read outside the forward (the routed run of the nf4 case trains replicated ones)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import lightning_lora as ll
+    from conftest import make_llama
+    from lightning_lora.callbacks.distributed import check_routing
+    from lightning_lora.distributed import shard_model
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # FSDP2 over one process
+    try:
+        for adapters in ("sharded", "replicated"):
+            model = make_llama()
+            ll.inject(model, {"method": "lora", "r": 4, "target_modules": ["q_proj"]}, seed=0)
+            shard_model(model, init_device_mesh("cpu", (1,)), adapters=adapters)
+            check_routing(model, None)
+            if adapters == "sharded":
+                with pytest.raises(ll.ConfigError, match=r"adapter_key='task'.*needs the adapters whole.*"
+                                                         r"shard_model\(\.\.\., adapters='replicated'\)"):
+                    check_routing(model, "task")
+            else:
+                check_routing(model, "task")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_merged_shards_in_save_pretrained_layout(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 from lightning_lora import distributed
 from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.surgery import adapter_parameters
 
 _UNSUPPORTED = {
     "FSDPStrategy": "FSDP1 flattens each wrapped unit, so frozen base and trainable adapter tensors would share flat "
@@ -126,25 +127,32 @@ def check_ddp(strategy: Any, adapter_key: Optional[str], configs: dict[str, Adap
         )
 
 
+def check_routing(model: Any, adapter_key: Optional[str]) -> None:
+    """FSDP2, once ``configure_model`` has sharded ``model``: per-example adapters (``adapter_key``) need the adapters
+    whole on every rank, since a batch's route keeps each layer's adapter tensors from before the forward, and FSDP2
+    swaps gathered ones in for sharded adapters inside each block's forward."""
+    if adapter_key is not None and any(distributed.is_dtensor(p) for p in adapter_parameters(model)):
+        raise ConfigError(
+            f"LoRACallback(adapter_key={adapter_key!r}) under ModelParallelStrategy (FSDP2) needs the adapters whole on "
+            "every rank: shard the model with lightning_lora.distributed.shard_model(..., adapters='replicated') in "
+            "configure_model (per-example routing keeps each layer's adapter tensors from before the forward, which "
+            "FSDP2 replaces by gathered ones for sharded adapters), or train with "
+            "strategy='ddp_find_unused_parameters_true'."
+        )
+
+
 def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: dict[str, Any], quantize: Any,
-                adapter_key: Optional[str] = None, configs: Optional[dict[str, AdapterConfig]] = None) -> None:
+                configs: Optional[dict[str, AdapterConfig]] = None) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``ModelParallelStrategy``:
-    tensor parallelism, per-example adapters (``adapter_key``), LoHa/LoKr's module dropout, a merge target other than
-    dequantized, a true-half cast of a quantized base, and packed int4. Every method, and several named adapters,
-    train under FSDP2 with adapters sharded or replicated (tests/test_fsdp.py)."""
+    tensor parallelism, LoHa/LoKr's module dropout, a merge target other than dequantized, a true-half cast of a
+    quantized base, and packed int4 (per-example adapters need replicated ones: ``check_routing``). Every method, and
+    several named adapters, train under FSDP2 with adapters sharded or replicated (tests/test_fsdp.py)."""
     tp = tensor_parallel_size(strategy)
     if tp != 1:
         raise ConfigError(
             f"LoRACallback supports ModelParallelStrategy as FSDP2 data parallelism only, and this one has "
             f"tensor_parallel_size={tp}: pass ModelParallelStrategy(data_parallel_size={world_size}, "
             "tensor_parallel_size=1) (tensor-parallel adapted layers are not supported)."
-        )
-    if adapter_key is not None:
-        raise ConfigError(
-            f"LoRACallback(adapter_key={adapter_key!r}) is not supported under ModelParallelStrategy (FSDP2): "
-            "per-example routing keeps each layer's adapter tensors from before the forward, and FSDP2 swaps in "
-            "gathered ones inside each block's forward. Train the named adapters without adapter_key (all active), or "
-            "with strategy='ddp_find_unused_parameters_true'."
         )
     skipping = skipping_updates(configs or {})
     if skipping:

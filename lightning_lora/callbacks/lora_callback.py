@@ -365,8 +365,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Under ModelParallelStrategy the user's configure_model shards the model, so the adapters go in now, before
         it (every rank then shards the adapted tree), and checkpoints become adapter-only (callbacks/distributed.py)."""
         fsdp2.check_fsdp2(trainer.strategy, trainer.world_size, str(getattr(trainer.precision_plugin, "precision", "")),
-                          self.merge_options, self.quantize, self.adapter_key,
-                          self.named_configs or {"": self.config})
+                          self.merge_options, self.quantize, self.named_configs or {"": self.config})
         try:
             self._inject(trainer, pl_module)
         except ConfigError as err:
@@ -426,6 +425,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             quantize_for_strategy(self._trainer, self._trainer.lightning_module, self._root, self.quantize)
         if self._sharded:  # configure_model has sharded the model: let fully_shard free the full weights
             distributed.release_unsharded(self._root)
+            fsdp2.check_routing(self._root, self.adapter_key)
         for p in adapter_parameters(self._root):
             if p.dtype in (torch.float16, torch.bfloat16):
                 p.data = p.data.float()
