@@ -737,7 +737,18 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         return {"probe": self._probe}
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under DeepSpeed the final export runs here: Lightning's teardown, before ``on_fit_end``, moves the module to
+        the CPU, where ZeRO's gathers (NCCL collectives) can no longer run."""
+        if self._deepspeed:
+            self._final_export(trainer)
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._deepspeed:
+            self._final_export(trainer)
+
+    def _final_export(self, trainer: pl.Trainer) -> None:
         """Write ``adapter/`` and ``merged/`` as a pair; a failure (a full disk) raises after training, since the last
         checkpoint holds the adapter, and leaves the previous pair in place."""
         try:
