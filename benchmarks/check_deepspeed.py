@@ -70,7 +70,13 @@ def max_diff(a: dict, b: dict) -> float:
     return max(diffs, default=0.0)
 
 
+def on_cpu(d: dict) -> dict:
+    """The same nested dict with its tensors on the CPU: a one-GPU checkpoint keeps CUDA tensors, ours CPU ones."""
+    return {k: on_cpu(v) if isinstance(v, dict) else v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+
 def close(a: dict, b: dict, tol: dict) -> tuple[bool, str]:
+    a, b = on_cpu(a), on_cpu(b)
     if a.keys() != b.keys():
         return False, f"keys differ: {sorted(set(a) ^ set(b))[:4]}"
     try:
