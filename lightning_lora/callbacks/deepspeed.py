@@ -20,12 +20,12 @@ its class; ``remove_adapter_checkpoints`` takes them off in ``teardown``):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from torch import nn
 
 from lightning_lora import deepspeed_io
+from lightning_lora.callbacks.distributed import read_adapter_checkpoint, write_adapter_checkpoint
 from lightning_lora.config import AdapterConfig, ConfigError
 
 DEEPSPEED_METHODS = ("lora", "dora")  # tested under ZeRO-2/3 against one process (tests/test_deepspeed.py)
@@ -110,21 +110,10 @@ def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], 
         return deepspeed_io.optimizer_state(getattr(optimizer, "_optimizer", optimizer), groups, options)
 
     def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        path = strategy.broadcast(filepath)
-        if strategy.is_global_zero:
-            strategy.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        strategy.barrier("lightning_lora_checkpoint")
-        after_save()
+        write_adapter_checkpoint(strategy, checkpoint, filepath, storage_options, after_save)
 
     def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(strategy.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a DeepSpeed checkpoint directory; LoRACallback writes and resumes adapter-only "
-                "checkpoints, one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or "
-                "load the adapter with lightning_lora.load_adapter and start a new fit."
-            )
-        checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        checkpoint = read_adapter_checkpoint(strategy, checkpoint_path, weights_only, "a DeepSpeed")
         check(checkpoint)
         states = checkpoint.get("optimizer_states") or []
         fitting = bool(states and strategy.optimizers and groups)  # the ZeRO optimizer exists (restore after setup)

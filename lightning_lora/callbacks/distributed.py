@@ -50,21 +50,10 @@ def use_adapter_checkpoints(strategy: Any, frozen_keys: Callable[[], set[str]], 
         return distributed.optimizer_state(getattr(optimizer, "_optimizer", optimizer))
 
     def save_checkpoint(checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        path = strategy.broadcast(filepath)
-        if strategy.is_global_zero:
-            strategy.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        strategy.barrier("lightning_lora_checkpoint")
-        after_save()
+        write_adapter_checkpoint(strategy, checkpoint, filepath, storage_options, after_save)
 
     def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(strategy.broadcast(checkpoint_path))
-        if path.is_dir():
-            raise ValueError(
-                f"{path} is a distributed (sharded) checkpoint directory; LoRACallback writes and resumes adapter-only "
-                "checkpoints, one .ckpt file from any world size. Resume from a checkpoint this callback wrote, or "
-                "load the adapter with lightning_lora.load_adapter and start a new fit."
-            )
-        checkpoint = strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+        checkpoint = read_adapter_checkpoint(strategy, checkpoint_path, weights_only, "a distributed (sharded)")
         check(checkpoint)
         distributed.load_trainable(strategy.lightning_module, checkpoint["state_dict"])
         pending_optimizer_states(checkpoint.get("optimizer_states", []))
@@ -180,3 +169,28 @@ def check_fsdp2(strategy: Any, world_size: int, precision: str, merge_options: d
             "LoRACallback(quantize=int4) under ModelParallelStrategy: the packed int4 layout cannot be sharded yet. "
             "Use quantize='nf4' (FSDP2 shards torchao's NF4), or strategy='ddp'."
         )
+
+
+def write_adapter_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any],
+                             after_save: Callable[[], None]) -> None:
+    """Rank zero writes the adapter-only checkpoint every rank took part in building (the gathers are collectives);
+    every rank waits for the file, then runs ``after_save`` (FSDP2 and DeepSpeed alike)."""
+    path = strategy.broadcast(filepath)
+    if strategy.is_global_zero:
+        strategy.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+    strategy.barrier("lightning_lora_checkpoint")
+    after_save()
+
+
+def read_adapter_checkpoint(strategy: Any, checkpoint_path: Any, weights_only: Optional[bool], kind: str
+                            ) -> dict[str, Any]:
+    """The ``.ckpt`` file rank zero's path names, read on every rank; a strategy's own checkpoint directory (``kind``:
+    what wrote it) is refused, since only adapter-only files this callback wrote can resume."""
+    path = Path(strategy.broadcast(checkpoint_path))
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is {kind} checkpoint directory; LoRACallback writes and resumes adapter-only checkpoints, one "
+            ".ckpt file from any world size. Resume from a checkpoint this callback wrote, or load the adapter with "
+            "lightning_lora.load_adapter and start a new fit."
+        )
+    return strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
