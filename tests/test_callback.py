@@ -263,24 +263,29 @@ def test_a_loaded_adapter_trains_with_matching_options_only(tmp_path: Path) -> N
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("strategy", ["FSDPStrategy"])  # FSDP2: tests/test_fsdp.py; DeepSpeed: tests/test_deepspeed.py
-def test_sharded_strategies_are_refused_in_setup(tmp_path: Path, strategy: str) -> None:
+def test_fsdp1_is_refused_with_the_fix() -> None:
+    """FSDP1 is named and refused with the strategies that work (the check ``setup`` runs first); FSDP2 is tested in
+    tests/test_fsdp.py, DeepSpeed in tests/test_deepspeed.py."""
     from lightning_lora.callbacks._lightning import unsupported_strategy
+    from lightning_lora.callbacks.distributed import check_strategy
 
-    try:
-        sharded = getattr(pl.strategies, strategy)()
-    except Exception as err:  # noqa: BLE001 - deepspeed is not installed
-        pytest.skip(f"{strategy} cannot be built here: {err}")
-    assert unsupported_strategy(sharded) == strategy
-    try:
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"  # FSDP's refusal runs for real on a GPU
-        sharded_trainer = pl.Trainer(accelerator=accelerator, devices=1, strategy=sharded, logger=False,
-                                     default_root_dir=tmp_path)
-    except Exception as err:  # noqa: BLE001 - FSDP wants a GPU
-        pytest.skip(f"a Trainer with {strategy} cannot be built here: {err}")
+    strategy = pl.strategies.FSDPStrategy()
+    assert unsupported_strategy(strategy) == "FSDPStrategy"
+    with pytest.raises(ll.ConfigError, match="does not support FSDPStrategy yet.*strategy='ddp'.*ModelParallelStrategy"
+                                             ".*deepspeed_stage_2"):
+        check_strategy(unsupported_strategy(strategy))
+    for other in (pl.strategies.DDPStrategy(), pl.strategies.ModelParallelStrategy()):
+        assert unsupported_strategy(other) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="Lightning builds a Trainer with FSDPStrategy on CUDA only; the refusal is tested above")
+def test_fsdp1_trainer_is_refused_in_setup_and_the_model_is_unchanged(tmp_path: Path) -> None:
+    trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=pl.strategies.FSDPStrategy(), logger=False,
+                         default_root_dir=tmp_path)
     module = TinyLlamaModule()
-    with pytest.raises(ll.ConfigError, match=f"does not support {strategy} yet.*strategy='ddp'"):
-        lora().setup(sharded_trainer, module, "fit")
+    with pytest.raises(ll.ConfigError, match="does not support FSDPStrategy yet.*strategy='ddp'"):
+        lora().setup(trainer, module, "fit")
     assert not ll.adapters(module.model)
 
 
