@@ -24,7 +24,7 @@ def test_resume_compares_every_named_adapters_options(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     data = dict(count=8, batch_size=4)
     trainer(tmp_path, [named(), checkpoint], max_epochs=1).fit(TinyLlamaModule(), TokensDataModule(**data))
-    saved = torch.load(checkpoint.last_model_path, weights_only=False)
+    saved = torch.load(checkpoint.last_model_path, weights_only=True)
     recorded = next(v for k, v in saved.items() if isinstance(v, dict) and "adapters" in v)["adapters"]
     assert list(recorded) == ["first", "second"] and recorded["second"]["alpha"] == 8
 

@@ -185,7 +185,8 @@ def write_adapter_checkpoint(strategy: Any, checkpoint: dict[str, Any], filepath
 def read_adapter_checkpoint(strategy: Any, checkpoint_path: Any, weights_only: Optional[bool], kind: str
                             ) -> dict[str, Any]:
     """The ``.ckpt`` file rank zero's path names, read on every rank; a strategy's own checkpoint directory (``kind``:
-    what wrote it) is refused, since only adapter-only files this callback wrote can resume."""
+    what wrote it) is refused, since only adapter-only files this callback wrote can resume. Tensors only
+    (``weights_only=True``) unless the caller asked otherwise: loading never runs code."""
     path = Path(strategy.broadcast(checkpoint_path))
     if path.is_dir():
         raise ValueError(
@@ -193,4 +194,4 @@ def read_adapter_checkpoint(strategy: Any, checkpoint_path: Any, weights_only: O
             ".ckpt file from any world size. Resume from a checkpoint this callback wrote, or load the adapter with "
             "lightning_lora.load_adapter and start a new fit."
         )
-    return strategy.checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+    return strategy.checkpoint_io.load_checkpoint(path, weights_only=True if weights_only is None else weights_only)
