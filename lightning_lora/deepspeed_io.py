@@ -9,8 +9,9 @@ one tensor at a time, adapter tensors only, so that a checkpoint or an export ne
 - ``trainable_state`` / ``optimizer_state``: what a checkpoint holds, exactly what one process's optimizer would
   (float32 masters; Adam's ``exp_avg``/``exp_avg_sq`` per parameter, indexed as one process numbers them), so a run
   resumes on any world size and strategy; ``load_trainable`` / ``load_optimizer_state`` put them back;
-- ``gathered_export``: the whole float32 adapters lent to the module for an export, and ``merged_tensors``, the
-  merged state dict with each base tensor gathered on its own (stage 3), merged in float32 and handed over.
+- ``gathered_export``: the whole float32 adapters lent to the module for an export, and the merged state dict
+  (``sharded_export.merged_tensors`` with ``_whole_base``: each base tensor gathered on its own under stage 3, merged
+  in float32 and handed over).
 
 Every function is a collective (DeepSpeed all-reduces or all-gathers for each tensor): all ranks call it, in the
 same order. deepspeed is imported lazily; no Lightning here.
@@ -199,46 +200,24 @@ def gathered_adapters(model: nn.Module) -> Iterator[nn.Module]:
             owner._parameters[name] = tensor
 
 
-def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """``(key, tensor)`` of ``model``'s merged state dict, one tensor at a time, whole, on the CPU, in the base state
-    dict's order (``sharded_export.merged_tensors`` for ZeRO: each stage-3 base tensor is gathered alone). Adapters
-    must be whole meanwhile (``gathered_adapters``). A collective: every rank iterates it to the end."""
-    from .methods.base import AdaptedLayer, MergeError, dense
-    from .sharded_export import _merged
-    from .surgery import adapters, base_state_dict, weight_adapters
+@contextlib.contextmanager
+def _whole_base(tensor: Tensor) -> Iterator[Tensor]:
+    """A base tensor whole and dense within the block: gathered alone under ZeRO-3 (``sharded_export.merged_tensors``
+    merges it meanwhile), as it is under ZeRO-2."""
+    from .methods.base import dense
 
-    layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
-              if isinstance(layer, AdaptedLayer)}
-    weight_adapters(model, "merge")  # refuses inserted and tied adapters up front
-    first: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(param), name)
-    tied = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
-    own = model.state_dict(keep_vars=True)
-    for key in base_state_dict(model):
-        if key in tied:
-            continue
-        tensor = own[key]
-        with _gathered([tensor]):
-            value = dense(tensor.detach())
-            layer = layers.get(key)
-            if layer is not None:
-                value = _merged(layer, value)
-                if not torch.isfinite(value).all():
-                    raise MergeError(f"Merging {key.removesuffix('.weight')} gives inf/NaN; the adapter has "
-                                     "diverged, so no merged model was written.")
-            value = value.cpu().clone()
-        yield key, value
+    with _gathered([tensor]):
+        yield dense(tensor.detach())
 
 
 @contextlib.contextmanager
 def gathered_export(model: nn.Module, merged: bool) -> Iterator[Optional[Iterable[tuple[str, Tensor]]]]:
     """Collective, on every rank: whole adapters (``gathered_adapters``) and, with ``merged``, the ``merged_tensors``
     iterator rank zero writes the merged export from, run to its end on leaving so every rank finishes its gathers."""
-    from .sharded_export import drain
+    from .sharded_export import drain, merged_tensors
 
     with gathered_adapters(model):
-        tensors = merged_tensors(model) if merged else None
+        tensors = merged_tensors(model, _whole_base) if merged else None
         try:
             yield tensors
         finally:

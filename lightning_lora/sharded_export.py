@@ -15,10 +15,11 @@ file shard on the CPU. Adapter tensors must be whole meanwhile (``distributed.ga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -35,14 +36,18 @@ INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 2**30
 
 
-def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+def merged_tensors(model: nn.Module, gathered: Optional[Callable[[Tensor], ContextManager[Tensor]]] = None
+                   ) -> Iterator[tuple[str, Tensor]]:
     """``(key, tensor)`` of ``model``'s merged state dict, one tensor at a time, whole, on the CPU, in the base
     state dict's order; a tied tensor is given once, under its first key (as ``save_pretrained`` writes it).
 
     A collective: every rank iterates it to the end (a rank that writes nothing just drains it). Raises
     ``MergeError`` (before gathering anything) for inserted adapters and tied adapted weights, and for a merged
-    weight that is not finite."""
+    weight that is not finite. ``gathered(parameter)`` lends a base tensor whole and dense within its block: FSDP2's
+    all-gather by default; DeepSpeed's ZeRO-3 gather (``deepspeed_io``) is the other."""
     from .methods.base import MergeError
+
+    gathered = gathered or _gathered_whole
 
     layers = {f"{path}.weight" if path else "weight": layer for path, layer in adapters(model).items()
               if isinstance(layer, AdaptedLayer)}
@@ -53,21 +58,29 @@ def merged_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(param), name)
     tied = {name for name, param in model.named_parameters(remove_duplicate=False) if first[id(param)] != name}
-    for key, tensor in base_state_dict(model).items():
+    own = model.state_dict(keep_vars=True)  # the Parameters themselves: a ZeRO-3 gather needs them
+    for key in base_state_dict(model):
         if key in tied:
             continue
         if key in replaced:  # BitFit's trained bias (whole within gathered_adapters) replaces the base's
             yield key, replaced[key].detach().cpu()
             continue
-        whole = _gathered_dense(tensor.detach())
-        layer = layers.get(key)
-        if layer is not None:
-            whole = _merged(layer, whole)
-            if not torch.isfinite(whole).all():
-                raise MergeError(f"Merging {key.removesuffix('.weight')} gives inf/NaN; the adapter has diverged, so "
-                                 "no merged model was written.")
-        yield key, whole.cpu()
+        with gathered(own[key]) as whole:
+            layer = layers.get(key)
+            if layer is not None:
+                whole = _merged(layer, whole)
+                if not torch.isfinite(whole).all():
+                    raise MergeError(f"Merging {key.removesuffix('.weight')} gives inf/NaN; the adapter has diverged, "
+                                     "so no merged model was written.")
+            value = whole.to("cpu", copy=True)  # never the model's own storage, which a gather lends only meanwhile
         del whole
+        yield key, value
+
+
+@contextlib.contextmanager
+def _gathered_whole(tensor: Tensor) -> Iterator[Tensor]:
+    """FSDP2 (or no sharding): ``tensor`` all-gathered and dense, for ``merged_tensors``."""
+    yield _gathered_dense(tensor.detach())
 
 
 def _gathered_dense(tensor: Tensor) -> Tensor:
