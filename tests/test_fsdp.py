@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 
 from lightning_lora.sharded_export import read_merged
 
+from test_ddp import assert_same_files  # the same file-by-file comparison as DDP's
+
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -96,19 +98,6 @@ def test_fsdp2_matches_one_process_and_resumes_on_one(tmp_path: Path, adapters: 
                 for name in files:
                     torch.testing.assert_close(load_file(resumed_dir / run / name), load_file(one_dir / run / name),
                                                **TOL, msg=str(name))
-
-
-def assert_same_files(got: Path, expected: Path) -> int:
-    """Every safetensors file under ``expected`` (adapter exports, their named sub-folders, step exports, merged
-    models) is under ``got`` with the same tensors; returns how many files."""
-    files = sorted(p.relative_to(expected) for p in expected.rglob("*.safetensors"))
-    assert files == sorted(p.relative_to(got) for p in got.rglob("*.safetensors"))
-    for name in files:
-        one, two = load_file(expected / name), load_file(got / name)
-        assert one.keys() == two.keys(), name
-        for key in one:
-            torch.testing.assert_close(two[key], one[key], **TOL, msg=f"{name}: {key}")
-    return len(files)
 
 
 def test_fsdp2_refusals_name_the_fix(tmp_path: Path) -> None:
