@@ -51,3 +51,43 @@ def profile_steps(name: str, step, device: str, args) -> None:
         print(f"GPU kernel time per step {per_step:.1f} ms: " + ", ".join(
             f"{k} {g / args.profile_steps / 1e3:.1f} ms ({100 * g / max(kernel_total, 1):.0f}%)"
             for k, g in groups.items()))
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _covered(interval: tuple[float, float], union: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(interval[1], e) - max(interval[0], s)) for s, e in union)
+
+
+def overlap_summary(trace_path: str, wall_ms: float) -> str:
+    """One profiled step of a distributed run, from its Chrome trace: the compute kernels' busy time (their union),
+    the collectives' (NCCL) kernel time and how much of it no compute kernel overlaps (exposed), and the wall time no
+    kernel covers at all (host-bound gaps, waits). Why a rank is slower than one GPU: more compute time (contention
+    with the collectives for SMs and memory bandwidth), exposed collectives, or gaps."""
+    import json
+
+    events = json.load(open(trace_path)).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
+    compute = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" not in e["name"].lower()]
+    compute_union = _union(compute)
+    busy = sum(e - s for s, e in compute_union) / 1e3
+    comm_total = sum(e - s for s, e in comm) / 1e3
+    exposed = sum((e - s) - _covered((s, e), compute_union) for s, e in _union(comm)) / 1e3
+    all_union = _union(compute + comm)
+    covered = sum(e - s for s, e in all_union) / 1e3
+    names: dict[str, float] = {}
+    for e in kernels:
+        if "nccl" in e["name"].lower():
+            names[e["name"][:60]] = names.get(e["name"][:60], 0.0) + e["dur"] / 1e3
+    top = ", ".join(f"{n} {t:.1f} ms" for n, t in sorted(names.items(), key=lambda x: -x[1])[:4])
+    return (f"step wall {wall_ms:.1f} ms: compute kernels busy {busy:.1f} ms, collectives {comm_total:.1f} ms "
+            f"(exposed {exposed:.1f} ms), no kernel running {max(0.0, wall_ms - covered):.1f} ms; collectives: {top}")

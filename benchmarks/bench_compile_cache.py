@@ -9,6 +9,10 @@ Rows (1B Llama shapes, bf16, batch 4 x 2048, LoRA r16 on all linear layers, fuse
   shown), as on a user's own machine (the file is loaded too, and adds nothing they lack).
 Each row prints Inductor's FX graph cache and AOTAutograd cache hits/misses: a warm row must hit, and miss nothing.
 The first step is timed from the ``Trainer``'s construction to the end of the first ``training_step``'s batch.
+
+``--keep-bytecode``: the rows run as a default Python does, writing and reusing ``.pyc`` files (into a folder of their
+own, ``PYTHONPYCACHEPREFIX``), for images that set ``PYTHONDONTWRITEBYTECODE=1``: there every new process compiles
+the sources of the modules the compile imports lazily (Inductor's above all) again, seconds of the warm first step.
 """
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the 1B's 16)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--keep-bytecode", action="store_true",
+                   help="write and reuse .pyc files across the rows, as a default Python install does")
     p.add_argument("--child", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--cache", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -93,16 +99,23 @@ def main() -> int:
         return 0
     folder = tempfile.mkdtemp(prefix="bench_compile_cache_")
     cache = os.path.join(folder, "compile_cache.bin")
+    env = dict(os.environ)
+    if args.keep_bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = os.path.join(folder, "pyc")
     rows = []
-    for name, mode in ROWS.items():
+    order = ({"(writes the .pyc files, as pip install does)": "eager"} if args.keep_bytecode else {}) | ROWS
+    for name, mode in order.items():
         out = os.path.join(folder, "row.json")
         cmd = [sys.executable, __file__, "--child", mode, out, "--cache", cache, "--steps", str(args.steps)]
         cmd += ["--layers", str(args.layers)] if args.layers else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             print(f"{name}: FAILED ({done.returncode})\n{done.stderr[-2000:]}")
             return 1
         rows.append((name, json.loads(Path(out).read_text())))
+    print(f"\n.pyc files: {'written and reused' if args.keep_bytecode else 'as the environment says'} "
+          f"(PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r})")
     print(f"\n| run (new process each) | card | first step | step | FX cache hit/miss | AOT cache hit/miss |")
     print("|---|---|---:|---:|---|---|")
     for name, r in rows:

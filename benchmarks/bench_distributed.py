@@ -215,6 +215,14 @@ def worker(args: argparse.Namespace) -> None:
             if args.fsdp2_adapters == "sharded" and dtype != torch.float32:
                 kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
             shard_model(self.model, self.device_mesh["data_parallel"], adapters=args.fsdp2_adapters, **kwargs)
+            n = args.prefetch[0]  # a worker gets one value
+            if n:  # explicit prefetching: each layer starts the next layers' all-gathers
+                from lightning_lora.distributed import default_blocks
+
+                layers = default_blocks(self.model)
+                for i, layer in enumerate(layers):
+                    layer.set_modules_to_forward_prefetch(layers[i + 1:i + 1 + n])
+                    layer.set_modules_to_backward_prefetch(layers[max(0, i - n):i][::-1])
 
     class Timer(pl.Callback):
         """Step times, and GPU memory by phase: the peak allocated memory is read and reset at each phase boundary
@@ -252,6 +260,11 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self._sync()
             self._phase(None)
+            if args.profile and not args.cpu and batch_idx == args.warmup:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.profiler.__enter__()
             self._start = time.perf_counter()
 
         def on_before_backward(self, trainer, pl_module, loss) -> None:
@@ -265,6 +278,14 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self._sync()
             self.times.append(time.perf_counter() - self._start)
+            if getattr(self, "profiler", None) is not None:
+                from _profile import overlap_summary
+
+                self.profiler.__exit__(None, None, None)
+                trace = str(args.out / f"trace-rank{os.environ.get('RANK', '0')}.json")
+                self.profiler.export_chrome_trace(trace)
+                self.profile = overlap_summary(trace, 1e3 * self.times[-1])
+                self.profiler = None
             self._phase("optimizer_peak_gib")
 
     strategy = args.strategy
@@ -295,13 +316,13 @@ def worker(args: argparse.Namespace) -> None:
     trainer.fit(module, loader)
     from torch.distributed.fsdp import FSDPModule
 
-    times = timer.times[args.warmup:] if not args.check else timer.times
+    times = timer.times[args.warmup + bool(args.profile):] if not args.check else timer.times
     timer._phase(None)
     row = {"step_s": statistics.median(times) if times else float("nan"), "peak_gib": timer.peak,
            "setup_peak_gib": timer.setup_peak, "resident_gib": timer.resident, **timer.phases,
            "tokens_per_step": per_rank * seq * world,
            "fsdp_units": [name or "(root)" for name, m in module.model.named_modules() if isinstance(m, FSDPModule)],
-           "compiled": timer.compiled}
+           "compiled": timer.compiled, "profile": getattr(timer, "profile", None)}
     rows = [row]
     if dist.is_initialized() and world > 1:
         rows = [None] * world
@@ -313,13 +334,16 @@ def worker(args: argparse.Namespace) -> None:
 # -- merged export under FSDP2: peak memory per rank ------------------------------------------------------------------
 # -- the driver: launches each row with torchrun and prints the tables -------------------------------------------------
 def launch(args: argparse.Namespace, out: Path, shape: str, base: str, strategy: str, gpus: int, check: bool,
-           adapters: str = "replicated", check_steps: int = 3, compile: Optional[str] = None) -> list[dict] | str:
+           adapters: str = "replicated", check_steps: int = 3, compile: Optional[str] = None,
+           prefetch: int = 0) -> list[dict] | str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", __file__,
                "--worker", "--shape", shape, "--base", base, "--strategy", strategy, "--out", str(out),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.r),
                "--fsdp2-adapters", adapters, "--check-world", "2", "--check-steps", str(check_steps)]
     command += ["--compile", compile or args.compile]
     command += ["--check"] if check else []
+    command += ["--profile"] if args.profile else []
+    command += ["--prefetch", str(prefetch)] if prefetch else []
     command += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": "1" if args.cpu else os.environ.get("OMP_NUM_THREADS", "4")}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -388,6 +412,12 @@ def main() -> int:
                    help="LoRACallback(compile=...) for every row and the check: auto (the callback's default: the "
                         "decoder layers and the loss compiled on CUDA), on, off (eager rows)")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test with --shapes tiny)")
+    p.add_argument("--prefetch", type=int, nargs="+", default=[0],
+                   help="FSDP2 rows: explicit prefetching of the next N layers' all-gathers in forward and backward "
+                        "(0: FSDP2's implicit prefetching); one FSDP2 row per value")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the first timed step of each row on each rank: compute busy time, collectives "
+                        "exposed, idle gaps (the profiled step is left out of the timing)")
     p.add_argument("--export-memory", action="store_true",
                    help="instead of training: merged-export peak memory per rank, measured for --shapes on --gpus "
                         "GPUs and simulated for 70b (meta device + one real decoder layer)")
@@ -427,10 +457,13 @@ def main() -> int:
     for shape in args.shapes:
         for base in args.bases:
             single = single_peak = None
-            for strategy, gpus in [("ddp", 1)] + [(s, args.gpus) for s in args.strategies]:
-                out = tmp / f"{shape}-{base}-{strategy}-{gpus}"
-                result = launch(args, out, shape, base, strategy, gpus, check=False, adapters=args.fsdp2_adapters)
-                label = "1 GPU" if gpus == 1 else strategy.upper()
+            rows = [("ddp", 1, 0)] + [(s, args.gpus, n) for s in args.strategies
+                                      for n in (args.prefetch if s == "fsdp2" else [0])]
+            for strategy, gpus, prefetch in rows:
+                out = tmp / f"{shape}-{base}-{strategy}-{gpus}-{prefetch}"
+                result = launch(args, out, shape, base, strategy, gpus, check=False, adapters=args.fsdp2_adapters,
+                                prefetch=prefetch)
+                label = "1 GPU" if gpus == 1 else strategy.upper() + (f" prefetch {prefetch}" if prefetch else "")
                 run = RUN[shape]
                 if isinstance(result, str):
                     print(f"| {shape} | {base} | {label} | {gpus} | | | | | {result[:300]} |")
@@ -449,6 +482,9 @@ def main() -> int:
                       f"{' +ckpt' if run['grad_ckpt'] else ''} | {compiled} | {1000 * step:.0f} | {tokens:,.0f} | "
                       f"{scaling} | {peaks} | {ratio} |", flush=True)
                 phases += [(f"{shape} {base} {label} rank {i}", r) for i, r in enumerate(result)]
+                for i, r in enumerate(result):
+                    if r.get("profile"):
+                        print(f"<!-- profile {shape} {base} {label} rank {i}: {r['profile']} -->", flush=True)
     print("\nMemory by phase, GiB per rank (the last timed step): resident at train start (weights, adapters; "
           "AdamW state after step 1), after forward (resident + saved for backward), peaks of forward, backward and "
           "the optimizer step; FSDP2 units")
