@@ -8,14 +8,19 @@ merged, and the prompt's logits must agree to ``--rtol``; on the timed bf16 mode
 PEFT's are compared relative to PEFT's largest value (bf16 rounding: up to ``--bf16-rtol``) and the share of equal
 greedy tokens is printed (random weights give near-ties, so bf16 paths may part after a while; not a failure).
 
+"ours unmerged, bf16 adapters" is the serving recipe: the same adapters cast to the activations' dtype
+(``served_in``: the adapter parameters only; ``model.to(torch.bfloat16)`` would also cast HF's float32 rotary
+``inv_freq`` buffer and change the base's outputs); its prompt logits must equal the float32 adapters' bit for bit (tolerance 0: the forward
+rounds A and B to bf16 either way), and then the decode plan keeps no copies and a compiled step casts nothing.
+
 Timing: ``--new-tokens`` tokens after a ``--prompt``-token prompt, ``min_new_tokens`` forcing the full length, KV cache
 on; each variant runs ``--rounds`` times after one warm-up and the best round counts: ms per generated token (the
 prompt's prefill included, amortized). Every row names its card and its ratio to the base row of the same run.
 
-``--compiled`` adds a row pair run as a server would to take the host out: HF's static-cache ``generate``
+``--compiled`` adds rows run as a server would to take the host out: HF's static-cache ``generate``
 (``cache_implementation="static"``) with its forward compiled (``CompileConfig``: Inductor, ``mode="reduce-overhead"``,
-so CUDA graphs), for the base and for ours unmerged; the ratio of that pair is its own (compiled ours over compiled
-base). On the CPU (``--tiny``) it compiles with the "eager" backend, only to check that the path runs.
+so CUDA graphs), for the base, for ours unmerged and for ours unmerged with bf16 adapters (float32 adapters cost two
+cast kernels per layer and step there); the compiled rows' ratios are to the compiled base. On the CPU (``--tiny``) it compiles with the "eager" backend, only to check that the path runs.
 
 ``--overhead``: the host cost of one adapted layer alone (batch-1 decoding is bound by it): microseconds per call of
 an ``nn.Linear`` and of the same layer with unmerged LoRA (1 and 2 adapters active, dropout configured in eval mode,
@@ -66,6 +71,13 @@ def adapted_pair(base, args):
     peft = wrap_peft(copy.deepcopy(base), "lora", args.r, args.alpha)
     copy_adapters_to_peft(ours, peft, NAMES)
     return ours.eval(), peft.eval()
+
+
+def served_in(model, dtype: torch.dtype):
+    """The serving recipe: ``model``'s adapter parameters cast to ``dtype`` (the activations'), nothing else."""
+    for p in surgery.adapter_parameters(model):
+        p.data = p.data.to(dtype)
+    return model
 
 
 def greedy(model, ids, new_tokens: int, **generate_options) -> torch.Tensor:
@@ -149,7 +161,8 @@ class AtenOps(TorchDispatchMode):
 
 def overhead_layers(features: int, r: int, dtype: torch.dtype, device: str) -> dict[str, torch.nn.Module]:
     """One ``features x features`` linear layer per variant (same weights), in eval mode."""
-    def layer(adapters: int = 1, dropout: float = 0.0, merged: bool = False, hook: bool = False) -> torch.nn.Module:
+    def layer(adapters: int = 1, dropout: float = 0.0, merged: bool = False, hook: bool = False,
+              cast: bool = False) -> torch.nn.Module:
         torch.manual_seed(0)
         holder = torch.nn.Sequential(torch.nn.Linear(features, features, bias=False, device=device, dtype=dtype))
         if adapters:
@@ -161,12 +174,15 @@ def overhead_layers(features: int, r: int, dtype: torch.dtype, device: str) -> d
                 ll.merge(holder)
             if hook:
                 holder[0].adapters["a0"].register_forward_hook(lambda *_: None)
+            if cast:
+                served_in(holder, dtype)
         return holder.eval()[0]
 
     return {
         "nn.Linear (base)": layer(adapters=0),
         "LoRA unmerged": layer(),
         "LoRA unmerged, 2 adapters": layer(adapters=2),
+        "LoRA unmerged, adapters in the activations' dtype": layer(cast=True),
         "LoRA unmerged, dropout 0.1, eval": layer(dropout=0.1),
         "LoRA merged": layer(merged=True),
         "LoRA unmerged, general path (no-op hook on the update)": layer(hook=True),
@@ -237,7 +253,9 @@ def overhead_in_model(args, device: str, clock) -> None:
             cache.crop(-1)  # back to the prompt: every step sees the same cache length
         return step
 
-    steps = {"base": step_of(base), "ours unmerged": step_of(ours), "ours merged": step_of(merged)}
+    served = served_in(copy.deepcopy(ours), torch.bfloat16)
+    steps = {"base": step_of(base), "ours unmerged": step_of(ours), "ours unmerged, bf16 adapters": step_of(served),
+             "ours merged": step_of(merged)}
     best = dict.fromkeys(steps, float("inf"))
     for step in steps.values():
         for _ in range(5):
@@ -276,7 +294,8 @@ def main() -> int:
     p.add_argument("--bf16-rtol", type=float, default=0.1)
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--compiled", action="store_true",
-                   help="add the static-cache compiled (CUDA graphs) pair: base and ours unmerged")
+                   help="add the static-cache compiled (CUDA graphs) rows: base, ours unmerged (float32 and bf16 "
+                        "adapters)")
     p.add_argument("--overhead", action="store_true", help="only the host cost per adapted layer (see above)")
     p.add_argument("--overhead-features", type=int, default=64)
     p.add_argument("--overhead-calls", type=int, default=2000)
@@ -299,11 +318,17 @@ def main() -> int:
     config = llama_config(TINY if args.tiny else LLAMA_1B, args.layers)
     base = build_base(config, torch.bfloat16, device, seed=0).eval()
     ours, peft = adapted_pair(base, args)
+    served = served_in(copy.deepcopy(ours), torch.bfloat16)
     ids = torch.randint(3, config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(4)).to(device)
-    r = rel(prompt_logits(ours, ids), prompt_logits(peft, ids))
+    mine = prompt_logits(ours, ids)
+    r = rel(mine, prompt_logits(peft, ids))
     ok &= r <= args.bf16_rtol
     print(f"[check bf16] prompt logits ours vs PEFT: max rel diff {r:.1e} (rtol {args.bf16_rtol:g}) "
           f"{'ok' if r <= args.bf16_rtol else 'FAIL'}")
+    same = torch.equal(prompt_logits(served, ids), mine)
+    ok &= same
+    print(f"[check bf16 adapters] prompt logits equal to float32 adapters' bit for bit (tolerance 0): "
+          f"{'ok' if same else 'FAIL'}")
     print(f"timing: {config.num_hidden_layers} layers, hidden {config.hidden_size}, bf16, sdpa, batch 1, prompt "
           f"{args.prompt}, {args.new_tokens} new tokens, best of {args.rounds} rounds, LoRA r={args.r} on all "
           f"{len(ll.adapters(ours))} linear layers")
@@ -313,12 +338,14 @@ def main() -> int:
         ("base", base, None, {}),
         ("PEFT unmerged", peft, None, {}),
         ("ours unmerged", ours, None, {}),
+        ("ours unmerged, bf16 adapters", served, None, {}),
         ("ours merged", ours, lambda: ll.merge(ours), {}),
         ("PEFT merged", peft, lambda: peft.merge_adapter(), {}),
     ]
     if args.compiled:
         variants += [(f"base, {compiled}", base, None, static_compiled(device)),
-                     (f"ours unmerged, {compiled}", ours, lambda: ll.unmerge(ours), static_compiled(device))]
+                     (f"ours unmerged, {compiled}", ours, lambda: ll.unmerge(ours), static_compiled(device)),
+                     (f"ours unmerged, bf16 adapters, {compiled}", served, None, static_compiled(device))]
     rows: list[tuple[str, float, torch.Tensor]] = []
     for name, model, prepare, options in variants:
         if prepare is not None:
@@ -330,7 +357,9 @@ def main() -> int:
     reference = {name: (ms, tokens) for name, ms, tokens in rows}
     card = device_name(device)
     twins = {"ours unmerged": "PEFT unmerged", "ours merged": "PEFT merged", "PEFT merged": "PEFT unmerged",
-             f"base, {compiled}": "base", f"ours unmerged, {compiled}": "ours unmerged"}
+             "ours unmerged, bf16 adapters": "ours unmerged", f"base, {compiled}": "base",
+             f"ours unmerged, {compiled}": "ours unmerged",
+             f"ours unmerged, bf16 adapters, {compiled}": f"ours unmerged, {compiled}"}
     print("\n| variant | device | ms/token (best of %d) | vs base | greedy tokens equal to |" % args.rounds)
     print("| --- | --- | ---: | ---: | --- |")
     for name, ms, tokens in rows:

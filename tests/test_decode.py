@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_lora as ll
@@ -96,6 +97,57 @@ def test_greedy_tokens_equal_peft_unmerged_and_merged() -> None:
     assert torch.equal(model.generate(input_ids=IDS, **kwargs), theirs)
     ll.merge(model)
     assert torch.equal(model.generate(input_ids=IDS, **kwargs), theirs)
+
+
+CASTS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+
+
+def compiled_casts(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """The no-grad logits of ``model`` compiled (AOT-traced ATen graph, run as traced) and its number of casts."""
+    graphs = []
+
+    def record(gm: torch.fx.GraphModule, _: object) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    with torch.no_grad():
+        logits = compiled(input_ids=IDS).logits
+    torch._dynamo.reset()
+    return logits, sum(node.target in CASTS for gm in graphs for node in gm.graph.nodes)
+
+
+def test_adapters_cast_to_the_activations_dtype_serve_without_casts() -> None:
+    """The serving recipe: float32 adapters over a bf16 base, their parameters cast to bf16 (only theirs: a whole
+    ``model.to`` would also cast buffers such as HF's float32 rotary ``inv_freq``), give the same logits bit for bit,
+    since the forward rounds A and B to bf16 anyway; eager, nothing is cast or copied even on the first call;
+    compiled, the graph has the base model's casts only (float32 adapters: two per layer, each step)."""
+    model = make_llama(layers=1).to(torch.bfloat16)  # one decoder layer: three compiles stay quick
+    ll.inject(model, ll.AdapterConfig.create("lora", r=4, target_modules="all-linear"))
+    randomize_adapters(model, seed=3)
+    for p in surgery.adapter_parameters(model):
+        p.data = p.data.float()
+    with torch.no_grad():
+        reference = model(input_ids=IDS).logits
+    serving = deepcopy(model)
+    for p in surgery.adapter_parameters(serving):
+        p.data = p.data.to(torch.bfloat16)
+    first = Counter(ops(serving, IDS)) - Counter(ops(serving, IDS))  # what the first call adds: views only
+    assert set(first) == {"aten.detach", "aten.t"}, first  # the kept factors are views of the parameters
+    with torch.no_grad():
+        assert torch.equal(serving(input_ids=IDS).logits, reference)
+    fresh = deepcopy(model)  # float32 adapters: cast once, on the first call
+    assert (Counter(ops(fresh, IDS)) - Counter(ops(fresh, IDS)))["aten._to_copy"] == 2 * len(ll.adapters(model))
+
+    with ll.disable_adapters(model):
+        _, base_casts = compiled_casts(model)
+    logits, casts = compiled_casts(serving)
+    assert casts == base_casts
+    assert torch.equal(logits, reference)
+    logits, casts = compiled_casts(model)
+    assert casts == base_casts + 2 * len(ll.adapters(model))
+    assert torch.equal(logits, reference)
 
 
 # -- the decode plan (LoRADecodePlan): the general path's operators without its per-update module calls -------------
