@@ -329,6 +329,8 @@ class FrozenQuantizedLinear(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         # As AdaptedLayer._apply: replace the quantized Parameter instead of swapping it in place (compile holds weak
         # references to it); a dtype cast dequantizes, and the layer is a plain nn.Linear again.
+        if self._parameters.get("weight") is None:  # kept out of the parameters under DeepSpeed (deepspeed_quantized)
+            return super()._apply(fn, recurse)
         weight = self._parameters.pop("weight")
         try:
             super()._apply(fn, recurse)
