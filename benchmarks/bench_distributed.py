@@ -299,7 +299,7 @@ def worker(args: argparse.Namespace) -> None:
         lightning_strategy = DDPStrategy(gradient_as_bucket_view=True)
     else:
         lightning_strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    batch = 2 if args.check else RUN[args.shape]["batch"]
+    batch = 2 if args.check else args.batch or RUN[args.shape]["batch"]
     seq = 128 if args.check else RUN[args.shape]["seq"]
     steps = args.check_steps if args.check else args.warmup + args.steps
     per_rank = batch if world > 1 else batch * (args.check_world if args.check else 1)
@@ -344,6 +344,7 @@ def launch(args: argparse.Namespace, out: Path, shape: str, base: str, strategy:
     command += ["--check"] if check else []
     command += ["--profile"] if args.profile else []
     command += ["--prefetch", str(prefetch)] if prefetch else []
+    command += ["--batch", str(args.batch)] if args.batch else []
     command += ["--cpu"] if args.cpu else []
     env = {**os.environ, "OMP_NUM_THREADS": "1" if args.cpu else os.environ.get("OMP_NUM_THREADS", "4")}
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -412,6 +413,8 @@ def main() -> int:
                    help="LoRACallback(compile=...) for every row and the check: auto (the callback's default: the "
                         "decoder layers and the loss compiled on CUDA), on, off (eager rows)")
     p.add_argument("--cpu", action="store_true", help="gloo on the CPU (smoke test with --shapes tiny)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per GPU per step (default per shape: 1b 8, 8b 2, 70b 1)")
     p.add_argument("--prefetch", type=int, nargs="+", default=[0],
                    help="FSDP2 rows: explicit prefetching of the next N layers' all-gathers in forward and backward "
                         "(0: FSDP2's implicit prefetching); one FSDP2 row per value")
@@ -464,7 +467,7 @@ def main() -> int:
                 result = launch(args, out, shape, base, strategy, gpus, check=False, adapters=args.fsdp2_adapters,
                                 prefetch=prefetch)
                 label = "1 GPU" if gpus == 1 else strategy.upper() + (f" prefetch {prefetch}" if prefetch else "")
-                run = RUN[shape]
+                run = {**RUN[shape], **({"batch": args.batch} if args.batch else {})}
                 if isinstance(result, str):
                     print(f"| {shape} | {base} | {label} | {gpus} | | | | | {result[:300]} |")
                     continue
