@@ -26,6 +26,7 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.deepspeed_io import flat_partitions  # noqa: E402
+from ddp_train import biased_llama  # noqa: E402
 from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
 
 
@@ -92,12 +93,29 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--export-merged", action="store_true", help="also write the merged model at each export")
     parser.add_argument("--precision", default="32-true", help="the Trainer's precision (bf16-mixed: ZeRO's bf16)")
     parser.add_argument("--loraplus", type=float, default=None, help="LoRACallback(loraplus_lr_ratio=...)")
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='more LoRACallback options as JSON, replacing the defaults: {"adapters": {...}}')
+    parser.add_argument("--bias", action="store_true", help="a Llama with biases in its projections (for BitFit)")
+    parser.add_argument("--experts", type=int, default=0, help="LoRA experts the module holds before fit (X-LoRA)")
+    parser.add_argument("--perturb-other-ranks", action="store_true",
+                        help="ranks but zero scale their base by 1.5 before fit: rank zero's must reach every rank")
+    parser.add_argument("--runs", type=json.loads, default=None,
+                        help='several fits in one launch, each into <out>/<name>, as ddp_train.py --runs: {"<name>": '
+                             '{"method": "prompt", "options": {...}, "bias": false, "export_merged": false}, ...}')
     args = parser.parse_args(argv)
+    if args.runs is None:
+        fit(args)
+    for name, run in (args.runs or {}).items():  # the processes and their group are started once, for the first
+        fit(argparse.Namespace(**{**vars(args), "out": args.out / name, **run}))
+
+
+def fit(args: argparse.Namespace) -> None:
     pl.seed_everything(0)
     # compile=False: one GPU would compile the blocks by default (DeepSpeed never does); the runs must do the same math
-    callback = ll.LoRACallback(args.method, r=4, target_modules=["q_proj", "v_proj"], export_dir=str(args.out),
-                               export_merged=args.export_merged, export_on_checkpoint=True,
-                               loraplus_lr_ratio=args.loraplus, compile=False)
+    options = {"r": 4, "target_modules": ["q_proj", "v_proj"], "loraplus_lr_ratio": args.loraplus, **args.options}
+    callback = ll.LoRACallback(args.method, **{k: v for k, v in options.items() if v is not None},
+                               export_dir=str(args.out), export_merged=args.export_merged, export_on_checkpoint=True,
+                               compile=False)
     checkpoint = ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=4, save_last=True, save_top_k=-1)
     strategy: object = "auto"
     if args.stage:
@@ -109,12 +127,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         cls = CPUDeepSpeedStrategy if args.accelerator == "cpu" else DeepSpeedStrategy
         strategy = cls(stage=args.stage, process_group_backend="gloo" if args.accelerator == "cpu" else None)
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
+    module = TinyLlamaModule(lr=args.lr)
+    if args.bias:
+        module.model = biased_llama()
+    for i in range(args.experts):  # trained elsewhere: random, frozen by the callback
+        ll.inject(module.model, {"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"],
+                                 "init_weights": False}, seed=100 + i, name=f"expert{i}")
+    if args.perturb_other_ranks and int(os.environ.get("LOCAL_RANK", 0)):  # the processes Lightning starts
+        for param in module.model.parameters():  # DeepSpeed broadcasts the float ones, the callback the quantized ones
+            param.data.mul_(1.5)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_epochs=2,
                          max_steps=args.max_steps, logger=False, enable_progress_bar=False, precision=args.precision,
                          enable_model_summary=False, default_root_dir=args.out, limit_val_batches=0,
                          callbacks=[callback, checkpoint, Facts(args.out / "facts.json")],
                          use_distributed_sampler=False)
-    trainer.fit(TinyLlamaModule(lr=args.lr), TokensDataModule(count=32, batch_size=args.batch_size),
+    trainer.fit(module, TokensDataModule(count=32, batch_size=args.batch_size),
                 ckpt_path=args.resume)
 
 

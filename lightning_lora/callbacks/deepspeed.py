@@ -40,7 +40,7 @@ def zero_stage(strategy: Any) -> int:
 
 
 def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: bool, quantize: Any,
-                    compile_enabled: Optional[bool]) -> None:
+                    compile_enabled: Optional[bool], merge_options: Optional[dict[str, Any]] = None) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``."""
     stage = zero_stage(strategy)
     fix = "Use strategy='ddp', or ModelParallelStrategy with FSDP2 (lightning_lora.distributed.shard_model)"
@@ -56,18 +56,33 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: boo
             f"LoRACallback under DeepSpeedStrategy supports {', '.join(DEEPSPEED_METHODS)} with one adapter (what is "
             f"tested against one process); not {', '.join(untested)} yet. {fix}."
         )
-    if quantize is not None:
-        raise ConfigError(
-            f"LoRACallback(quantize={quantize.format!r}) under DeepSpeedStrategy: deepspeed.initialize broadcasts "
-            "every parameter from rank zero as bytes (a view as uint8), which a quantized weight (a torchao tensor "
-            "subclass) does not support, and ZeRO-3 would partition it as a flat plain tensor. Train a quantized "
-            "base with strategy='ddp', or with ModelParallelStrategy (FSDP2 shards torchao's NF4)."
-        )
+    check_quantized(strategy, quantize, merge_options or {})
     if compile_enabled:
         raise ConfigError(
             "LoRACallback(compile=...) under DeepSpeedStrategy: the regional compile is not tested under ZeRO (stage "
             "3 gathers each parameter in hooks around every module). Drop compile= (it is off under DeepSpeed), or "
             "use strategy='ddp'."
+        )
+
+
+def check_quantized(strategy: Any, quantize: Any, merge_options: dict[str, Any]) -> None:
+    """A quantized base trains under ZeRO through ``LoRACallback(quantize=...)`` (``deepspeed_quantized.py``); refuse
+    the ``QuantizedPrecision`` plugin and a merged export of another target than the one ZeRO's gather writes."""
+    from lightning_lora.plugins.precision import QuantizedPrecision
+
+    if isinstance(getattr(strategy, "precision_plugin", None), QuantizedPrecision):
+        raise ConfigError(
+            "Trainer(plugins=[QuantizedPrecision(...)]) under DeepSpeedStrategy: the plugin takes the place of "
+            "Lightning's DeepSpeedPrecision, whose backward and optimizer step run through the DeepSpeed engine (ZeRO "
+            "reduces the gradients there), so ZeRO would not train correctly. Quantize with the callback instead: "
+            "LoRACallback(quantize='nf4') and Trainer(precision=...), without the plugin."
+        )
+    target = merge_options.get("merge_target", "dequantized")
+    if quantize is not None and target != "dequantized":
+        raise ConfigError(
+            f"LoRACallback(merge_target={target!r}) is not available under DeepSpeedStrategy: the merged export "
+            "there writes the 'dequantized' target (dequant(Wq) + dW, one weight at a time). Drop merge_target, or "
+            "merge the saved adapter on one device with lightning_lora.quantize_merge."
         )
 
 

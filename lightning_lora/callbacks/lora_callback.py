@@ -46,7 +46,7 @@ from lightning_lora.callbacks.loraplus import apply_loraplus, loraplus_rates, sp
 from lightning_lora.callbacks.named import inject_named, named_configs, route_batch
 from lightning_lora.callbacks.options import differences as option_changes, merge_options
 from lightning_lora.callbacks.resume import check_identity, check_state, rng_state, set_rng_state
-from lightning_lora import deepspeed_io, distributed
+from lightning_lora import deepspeed_io, deepspeed_quantized, distributed
 from lightning_lora.config import AdapterConfig, ConfigError, method_option_names
 from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.io import find_hf_model
@@ -386,7 +386,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         (callbacks/deepspeed.py). ZeRO-3 runs configure_model inside deepspeed.zero.Init, so there the adapters go
         in before it, as under FSDP2."""
         zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, bool(self.named_configs),
-                             self.quantize, self.compile_policy.enabled)
+                             self.quantize, self.compile_policy.enabled, self.merge_options)
         if zero.zero_stage(trainer.strategy) == 3:
             try:
                 self._inject(trainer, pl_module)
@@ -423,6 +423,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
             return
         if self.quantize is not None and not self._sharded:  # under FSDP2 it was done before sharding
             quantize_for_strategy(self._trainer, self._trainer.lightning_module, self._root, self.quantize)
+        if self._deepspeed:  # before deepspeed.initialize: ZeRO must never see a quantized weight
+            deepspeed_quantized.hide_quantized(self._root, self._trainer.strategy.root_device)
         if self._sharded:  # configure_model has sharded the model: let fully_shard free the full weights
             distributed.release_unsharded(self._root)
             fsdp2.check_routing(self._root, self.adapter_key)
@@ -562,6 +564,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         fsdp2.remove_adapter_checkpoints(trainer.strategy)
         zero.remove_adapter_checkpoints(trainer.strategy)
+        if self._root is not None:
+            deepspeed_quantized.restore_quantized(self._root)
         self._optimizers_pruned = False  # a next fit builds new optimizers
         unwrap(pl_module, "configure_model", "on_load_checkpoint")
         unwrap(trainer.precision_plugin, "convert_module")
@@ -615,7 +619,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def _gathered_export(self) -> Any:
         """Collective under FSDP2 and DeepSpeed: whole adapter tensors, and the merged tensors' iterator (or None)."""
         if self._deepspeed:
-            return deepspeed_io.gathered_export(self.model, self.export_merged)
+            return deepspeed_quantized.gathered_export(self.model, self.export_merged)
         return gathered_export(self.model, self._sharded, self.export_merged)
 
     def _export_step(self, tensors: Optional[Any] = None) -> None:
@@ -669,7 +673,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 with self._whole(spec):
                     spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
         self._stepped = False
-        if self._probe is None and self.quantize is not None and self.export_merged and not self._sharded:
+        if self._probe is None and self.quantize is not None and self.export_merged and not (self._sharded
+                                                                                             or self._deepspeed):
             self._probe = probe_from_batch(self.model, batch)
         if self._compiled is not None and not self._compiled.cache_saved and trainer.is_global_zero:
             self._compiled.cache_saved = save_cache(self._compile_cache)  # the training graphs, once they exist
@@ -742,6 +747,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         the CPU, where ZeRO's gathers (NCCL collectives) can no longer run."""
         if self._deepspeed:
             self._final_export(trainer)
+            deepspeed_quantized.restore_quantized(self.model)  # before Lightning's teardown moves the module to the CPU
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
