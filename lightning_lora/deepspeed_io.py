@@ -1,4 +1,5 @@
-"""Adapters under DeepSpeed ZeRO (stages 2 and 3): whole adapter tensors and optimizer state in one process's layout.
+"""Adapters under DeepSpeed ZeRO (stages 2 and 3): whole adapter tensors, gradients and optimizer state in one
+process's layout.
 
 ZeRO keeps each trainable tensor's float32 master copy and Adam state as slices of flat per-rank partitions, and
 stage 3 also partitions the module's parameters (``param.data`` is empty on every rank, so a plain ``state_dict()``
@@ -9,6 +10,8 @@ one tensor at a time, adapter tensors only, so that a checkpoint or an export ne
 - ``trainable_state`` / ``optimizer_state``: what a checkpoint holds, exactly what one process's optimizer would
   (float32 masters; Adam's ``exp_avg``/``exp_avg_sq`` per parameter, indexed as one process numbers them), so a run
   resumes on any world size and strategy; ``load_trainable`` / ``load_optimizer_state`` put them back;
+- ``whole_trainable``: a method's whole adapter tensors and gradients lent to a training-loop hook
+  (``MethodSpec.regularization``/``after_step``: AdaLoRA, HRA), its changes put back into ZeRO's partitions;
 - ``gathered_export``: the whole float32 adapters lent to the module for an export, and the merged state dict
   (``sharded_export.merged_tensors`` with ``_whole_base``: each base tensor gathered on its own under stage 3, merged
   in float32 and handed over).
@@ -83,19 +86,13 @@ def trainable_state(module: nn.Module, frozen: set[str]) -> dict[str, Tensor]:
 def load_trainable(module: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy whole tensors (keys as ``trainable_state`` writes them) into ``module``: the parameter each rank computes
     with (its partition, stage 3) and the optimizer's float32 master."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     own = module.state_dict(keep_vars=True)
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise KeyError(f"load_trainable: {unknown[:5]} are not in {type(module).__name__}'s state dict")
     with torch.no_grad():
         for key, value in state.items():
-            target = own[key]
-            if has_master(target):  # this rank's slice of the master
-                safe_set_full_fp32_param(target, value.to(target.device, torch.float32))
-            with _gathered([target], modifier_rank=0):  # a collective; rank zero's copy goes back into the partitions
-                target.data.copy_(value.to(target.device, target.dtype).reshape(target.shape))
+            _set_whole(own[key], value)
 
 
 def flat_partitions(zero_optimizer: Any) -> list[Tensor]:
@@ -108,6 +105,16 @@ def flat_partitions(zero_optimizer: Any) -> list[Tensor]:
     return [p for group in zero_optimizer.optimizer.param_groups for p in group["params"]]
 
 
+def _link_optimizer_state(zero_optimizer: Any) -> None:
+    """Stages 1-2 point each parameter at its slices of the optimizer state once that exists: DeepSpeed links every
+    group after the first group's first step, when the later groups' state is still empty (LoRA+'s second group
+    then had no Adam state to read), so the links are made again here, once all of it exists."""
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        zero_optimizer._hp_optimizer_states_linked = False
+        link()
+
+
 def optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group_options: list[dict[str, Any]]
                     ) -> dict[str, Any]:
     """The ZeRO optimizer's state as the wrapped torch optimizer holds it in one process: ``groups`` are its
@@ -118,6 +125,7 @@ def optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], group
     flats = [f for f in flat_partitions(zero_optimizer) if inner.get(f)]
     state: dict[int, dict[str, Any]] = {}
     if flats:  # torch optimizers create their state at the first step
+        _link_optimizer_state(zero_optimizer)
         first = inner[flats[0]]
         per_element = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0].shape)
         for index, param in enumerate(p for group in groups for p in group):
@@ -168,33 +176,99 @@ def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], 
         for key in per_element:
             if key not in entry:
                 entry[key] = torch.zeros_like(flat)
-    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # stages 1-2 point each parameter at its slices of the state once it exists
-        zero_optimizer._hp_optimizer_states_linked = False
-        link()
+    _link_optimizer_state(zero_optimizer)
     for index, param in enumerate(params):
         for key in per_element:  # this rank's slice
             safe_set_full_optimizer_state(param, saved[index][key].to(param.device, torch.float32), key)
 
 
 @contextlib.contextmanager
+def _without_module_hooks(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block, ``modules`` (and their submodules) run without forward hooks: ZeRO-3's hooks gather a
+    module's parameters around its call, and would fail on the whole plain tensors swapped in for an export or a
+    training-loop hook (OFT's rotation, for one, is a module called by its update's ``delta_weight``)."""
+    saved = [(m, m._forward_pre_hooks, m._forward_hooks) for module in modules for m in module.modules()]
+    try:
+        for m, _, _ in saved:
+            m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+@contextlib.contextmanager
+def whole_trainable(modules: Iterable[nn.Module], grads: dict[Tensor, Tensor]) -> Iterator[None]:
+    """Within the block, the trainable ZeRO parameters of ``modules`` are whole float32 parameters (the optimizer's
+    masters) on every rank, each with its whole averaged gradient, so a training-loop hook
+    (``MethodSpec.regularization``'s backward before the step, AdaLoRA's allocation after it) runs as in one process.
+    ZeRO keeps gradients in its own flat partitions, never in ``.grad``, and drops them at the step: each gradient is
+    read before the step (``safe_get_full_grad``) and kept in ``grads`` (the caller's, cleared per batch) for a hook
+    after it. On exit, a value the hook changed goes back into the master and the partitions, a gradient it changed
+    into ZeRO's gradient partitions (before the step only). A collective (every rank, same order, same whole values)."""
+    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+    modules = list(modules)
+    swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter, Tensor, bool]] = []
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for name, param in list(owner._parameters.items()):
+                    if param is None or not has_master(param):
+                        continue
+                    value = whole(param)
+                    stepped = param in grads  # read before this batch's step
+                    grad = grads[param] if stepped else safe_get_full_grad(param)
+                    copy = nn.Parameter(value.clone())
+                    copy.grad = None if grad is None else grad.detach().reshape(value.shape).float().clone()
+                    owner._parameters[name] = copy
+                    swapped.append((owner, name, param, copy, value, stepped))
+        with _without_module_hooks(modules):
+            yield
+    finally:
+        for owner, name, param, *_ in reversed(swapped):
+            owner._parameters[name] = param
+        with torch.no_grad():
+            for owner, name, param, copy, value, stepped in swapped:
+                if not torch.equal(copy.detach(), value):
+                    _set_whole(param, copy.detach())
+                if copy.grad is not None:
+                    if not stepped:  # before the step: ZeRO's gradient partitions take the hook's gradient
+                        safe_set_full_grad(param, copy.grad.to(param.device).reshape(full_shape(param)))
+                    grads[param] = copy.grad
+
+
+def _set_whole(target: Tensor, value: Tensor) -> None:
+    """A whole tensor into a ZeRO parameter: the optimizer's float32 master (this rank's slice) and the parameter
+    each rank computes with (stage 3: its partition). A collective."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if has_master(target):
+        safe_set_full_fp32_param(target, value.to(target.device, torch.float32))
+    with _gathered([target], modifier_rank=0):  # rank zero's copy goes back into the partitions
+        target.data.copy_(value.to(target.device, target.dtype).reshape(target.shape))
+
+
+@contextlib.contextmanager
 def gathered_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model``'s adapter parameters are whole float32 tensors (the optimizer's masters) on every
     rank, so ``save_adapter`` and the merge code read them as in one process; the ZeRO ones are put back on exit."""
+    from .methods.base import AdaptedLayer
     from .surgery import adapters
 
     swapped: list[tuple[nn.Module, str, Tensor]] = []
+    # an adapted layer's updates (never the base weight it holds); an inserted adapter whole
+    parts = [a.adapters if isinstance(a, AdaptedLayer) else a for a in adapters(model).values()]
     try:
-        for adapter in adapters(model).values():
-            for key, tensor in adapter.adapter_tensors().items():  # never the base weight an AdaptedLayer holds
-                path, _, name = key.rpartition(".")
-                owner = adapter.get_submodule(path) if path else adapter
-                if name not in owner._parameters:
-                    continue  # buffers are whole on every rank
+        for owner in (m for part in parts for m in part.modules()):
+            for name, tensor in list(owner._parameters.items()):  # buffers are whole on every rank
+                if tensor is None:
+                    continue
                 value = whole(tensor)
                 swapped.append((owner, name, tensor))
                 owner._parameters[name] = nn.Parameter(value, requires_grad=False)
-        yield model
+        with _without_module_hooks(parts):
+            yield model
     finally:
         for owner, name, tensor in reversed(swapped):
             owner._parameters[name] = tensor

@@ -1,12 +1,16 @@
 """DeepSpeed ZeRO (Lightning's ``DeepSpeedStrategy``, stages 2 and 3) with 2 CPU processes (gloo; see
 ``deepspeed_train.py`` for the three CUDA-only steps of Lightning 2.6.6 it replaces).
 
-The adapter after 8 steps equals one process's on the same global batch (rtol 1e-4, atol 1e-5, as for DDP and FSDP2:
-the runs differ only in the order float32 gradients are summed); ZeRO-3 partitions every tensor (adapters too) and
-only the adapter reaches ZeRO's optimizer; checkpoints hold whole adapter tensors and Adam state in one process's
-layout (not ZeRO-3's empty placeholders, peft #2892), in one file that one process resumes and ZeRO resumes from one
-process's; the adapter and merged exports (the merged one gathering one base tensor at a time) are written once,
-complete, by rank zero.
+Every method of the registry, trained by one launch of the processes per stage (``ddp_train.RUNS``, as DDP and FSDP2
+are tested): LoRA alone; DoRA with LoRA+ (its groups split before ZeRO flattens them); every weight-update method at
+once as named adapters, with AdaLoRA's rank allocation and AdaLoRA's and HRA's orthogonality regularizers (hooks that
+read and add gradients, which ZeRO keeps in its own partitions, not in ``.grad``); each inserted method in its own
+model (BitFit on a biased Llama, X-LoRA over frozen experts). Each equals one process on the same global batch, file
+by file: the adapter exports at steps 4 and 8 and at the end, and the merged exports (rtol 1e-4, atol 1e-5, as for
+DDP and FSDP2: the runs differ only in the order float32 gradients are summed). ZeRO-3 partitions every tensor
+(adapters too) and only the adapter reaches ZeRO's optimizer; checkpoints hold whole adapter tensors (AdaLoRA's
+statistics too) and Adam state in one process's layout (not ZeRO-3's empty placeholders, peft #2892), in one file
+that one process resumes, and ZeRO-2 resumes one process's.
 """
 
 from __future__ import annotations
@@ -23,104 +27,113 @@ from safetensors.torch import load_file
 
 pytest.importorskip("deepspeed")
 
-from lightning_lora.sharded_export import read_merged  # noqa: E402
+from test_ddp import assert_same_files  # noqa: E402  (the same file-by-file comparison as DDP's and FSDP2's)
 
 SCRIPT = Path(__file__).with_name("deepspeed_train.py")
 TOL = dict(rtol=1e-4, atol=1e-5)
+DORA_LORAPLUS = {"method": "dora", "loraplus": 4, "max_steps": 4}  # B and the magnitude at 4x the learning rate
 
 
-def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, torch.Tensor]:
-    """``deepspeed_train.py``: 2 processes through Lightning's launcher, one process here (no process start)."""
-    argv = ["--devices", str(devices), "--batch-size", str(batch_size), "--out", str(out), *args]
-    if devices == 1:
-        import deepspeed_train
+def one_process(out: Path, runs: dict) -> None:
+    """``deepspeed_train.py --runs`` in this process (one device: no process start, no DeepSpeed)."""
+    import deepspeed_train
 
-        deepspeed_train.main(argv)
-    else:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-        result = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300,
-                                env=env)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return load_file(out / "adapter" / "adapter_model.safetensors")
+    deepspeed_train.main(["--devices", "1", "--batch-size", "8", "--out", str(out), "--export-merged",
+                          "--runs", json.dumps(runs)])
+
+
+def launch(out: Path, stage: int, runs: dict) -> subprocess.Popen:
+    """``deepspeed_train.py --runs`` on 2 processes (Lightning's launcher starts the second) under ZeRO ``stage``."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    out.mkdir(parents=True)
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--devices", "2", "--batch-size", "4", "--out", str(out),
+                             "--stage", str(stage), "--export-merged", "--runs", json.dumps(runs)],
+                            stdout=open(out / "log.txt", "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def finish(process: subprocess.Popen, out: Path) -> None:
+    assert process.wait(timeout=600) == 0, (out / "log.txt").read_text()[-6000:]
+
+
+def step_checkpoint(run: Path, step: int) -> Path:
+    return next((run / "ckpt").glob(f"*step={step}.ckpt"))
 
 
 def checkpoint(run: Path, step: int) -> dict:
-    return torch.load(next((run / "ckpt").glob(f"*step={step}.ckpt")), weights_only=True)
+    return torch.load(step_checkpoint(run, step), weights_only=True)
 
 
-def test_zero3_and_zero2_match_one_process_and_resume_across_world_sizes(tmp_path: Path) -> None:
-    """ZeRO-3 from scratch against one process (adapter, checkpoints, exports); one process resumes ZeRO-3's
-    checkpoint; ZeRO-2 resumes one process's checkpoint. All three end at one process's adapter."""
-    one_dir, zero3_dir = tmp_path / "one", tmp_path / "zero3"
-    one = train(one_dir, 1, 8, "--export-merged")
-    zero3 = train(zero3_dir, 2, 4, "--stage", "3", "--export-merged")
-    assert zero3.keys() == one.keys() and len(one) == 8
-    for key in one:
-        torch.testing.assert_close(zero3[key], one[key], **TOL, msg=key)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
+def test_every_method_under_zero3_and_zero2_matches_one_process(tmp_path: Path) -> None:
+    """Both stages launched at once (ZeRO-2 also resumes one process's step-4 checkpoints); then one process resumes
+    ZeRO-3's. Every run ends at one process's files."""
+    from ddp_train import RUNS, WEIGHT_UPDATES
 
-    facts = json.loads((zero3_dir / "facts.json").read_text())
+    runs = {"lora": {}, "dora_loraplus": DORA_LORAPLUS, **RUNS}
+    one_dir, zero3_dir, zero2_dir = tmp_path / "one", tmp_path / "zero3", tmp_path / "zero2"
+    one_process(one_dir, runs)
+
+    def resuming(source: Path) -> dict:
+        return {f"resumed-{run}": {**runs[run], "resume": str(step_checkpoint(source / run, 4))}
+                for run in ("lora", "weight_updates")}
+
+    zero3 = launch(zero3_dir, 3, runs)
+    zero2 = launch(zero2_dir, 2, {**runs, **resuming(one_dir)})
+    finish(zero3, zero3_dir)
+    finish(zero2, zero2_dir)
+    for zero_dir in (zero3_dir, zero2_dir):
+        for run in runs:  # adapter exports (steps 4, 8 and the end) and merged exports, written once by rank zero
+            assert assert_same_files(zero_dir / run, one_dir / run) >= 3, (zero_dir.name, run)
+    one = load_file(one_dir / "lora" / "adapter" / "adapter_model.safetensors")
+    assert len(one) == 8 and any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
+    assert sorted(p.name for p in (zero3_dir / "weight_updates" / "adapter").iterdir() if p.is_dir()) == sorted(
+        WEIGHT_UPDATES)
+    adalora = json.loads((zero3_dir / "weight_updates" / "adapter" / "adalora" / "adapter_config.json").read_text())
+    assert sum(sum(kept) for kept in adalora["rank_pattern"].values()) == 4  # the budget shrank to target_r per layer
+
+    facts = json.loads((zero3_dir / "lora" / "facts.json").read_text())
     assert facts["partitioned"] == facts["params"]  # ZeRO-3 partitioned every tensor, the frozen base included
     assert facts["adapter_numel"] <= 2 * facts["optimizer_numel"] <= facts["adapter_numel"] + 64  # adapter only
-
-    saved, expected = checkpoint(zero3_dir, 4), checkpoint(one_dir, 4)
-    assert saved["state_dict"].keys() == expected["state_dict"].keys()  # the adapter only, one process's key names
-    torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)  # whole, not empty placeholders
-    assert len(saved["optimizer_states"][0]["state"]) == len(one)
-    torch.testing.assert_close(saved["optimizer_states"][0], expected["optimizer_states"][0], **TOL)
-    for step in (4, 8):  # exported at each checkpoint, by rank zero, after every rank gathered
-        torch.testing.assert_close(load_file(zero3_dir / f"step-{step}" / "adapter" / "adapter_model.safetensors"),
-                                   load_file(one_dir / f"step-{step}" / "adapter" / "adapter_model.safetensors"), **TOL)
-    merged, expected_merged = read_merged(zero3_dir / "merged"), read_merged(one_dir / "merged")
-    assert merged.keys() == expected_merged.keys()
-    torch.testing.assert_close(merged, expected_merged, **TOL)
-
-    resumed = train(tmp_path / "resumed1", 1, 8, "--resume", str(next((zero3_dir / "ckpt").glob("*step=4.ckpt"))))
-    resumed2 = train(tmp_path / "resumed2", 2, 4, "--stage", "2",
-                     "--resume", str(next((one_dir / "ckpt").glob("*step=4.ckpt"))))
-    for key in one:
-        torch.testing.assert_close(resumed[key], one[key], **TOL, msg=key)
-        torch.testing.assert_close(resumed2[key], one[key], **TOL, msg=key)
-    facts = json.loads((tmp_path / "resumed2" / "facts.json").read_text())
+    facts = json.loads((zero2_dir / "resumed-lora" / "facts.json").read_text())
     assert facts["partitioned"] == 0 and 2 * facts["optimizer_numel"] >= facts["adapter_numel"]
+    for zero_dir in (zero3_dir, zero2_dir):
+        for run in ("lora", "weight_updates", "dora_loraplus"):
+            saved, expected = checkpoint(zero_dir / run, 4), checkpoint(one_dir / run, 4)
+            assert saved["state_dict"].keys() == expected["state_dict"].keys()  # the adapter only, one process's
+            torch.testing.assert_close(saved["state_dict"], expected["state_dict"], **TOL)  # whole, not placeholders
+            torch.testing.assert_close(saved["optimizer_states"][0], expected["optimizer_states"][0], **TOL)
+        lrs = [g["lr"] for g in checkpoint(zero_dir / "dora_loraplus", 4)["optimizer_states"][0]["param_groups"]]
+        assert lrs == [1e-2, 4e-2]  # LoRA+'s two groups (ZeRO-2 links the second's Adam state late: deepspeed_io)
 
-
-def test_dora_with_loraplus_under_zero3_matches_one_process(tmp_path: Path) -> None:
-    """DoRA's magnitude is partitioned too, and its weight norm reads the partitioned base inside the layer's forward;
-    LoRA+ splits the optimizer's groups before ZeRO flattens them (B and the magnitude at 4x): 4 steps against one
-    process, adapter, Adam state and merged export."""
-    options = ("--method", "dora", "--loraplus", "4", "--max-steps", "4", "--export-merged")
-    one = train(tmp_path / "one", 1, 8, *options)
-    zero3 = train(tmp_path / "zero3", 2, 4, "--stage", "3", *options)
-    assert zero3.keys() == one.keys() and len(one) == 12
-    for key in one:
-        torch.testing.assert_close(zero3[key], one[key], **TOL, msg=key)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in one.items() if "lora_B" in k)
-    torch.testing.assert_close(read_merged(tmp_path / "zero3" / "merged"), read_merged(tmp_path / "one" / "merged"),
-                               **TOL)
-    saved, expected = checkpoint(tmp_path / "zero3", 4)["optimizer_states"][0], checkpoint(tmp_path / "one", 4)[
-        "optimizer_states"][0]
-    assert [g["lr"] for g in saved["param_groups"]] == [g["lr"] for g in expected["param_groups"]] == [1e-2, 4e-2]
-    torch.testing.assert_close(saved, expected, **TOL)
+    one_process(tmp_path / "resumed", {run: {**runs[run.removeprefix("resumed-")], **resume}
+                                       for run, resume in resuming(zero3_dir).items()})
+    for resumed in (tmp_path / "resumed", zero2_dir):
+        for run in ("lora", "weight_updates"):  # the same adapters as the run that never stopped
+            assert assert_same_files(resumed / f"resumed-{run}" / "adapter", one_dir / run / "adapter") >= 1, run
 
 
 def test_deepspeed_refusals_name_the_fix(tmp_path: Path) -> None:
-    """What is not supported under DeepSpeed is refused in setup, naming the fix, with the model untouched."""
+    """What is not supported under DeepSpeed is refused in setup, naming the fix, with the model untouched: a step
+    that may leave a rank's adapter tensor without a gradient (per-example adapters, LoHa/LoKr's module_dropout),
+    ZeRO stages 0-1, the regional compile, a model built in configure_model under ZeRO-3."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
     import lightning_lora as ll
     from tiny_modules import ConfigureModelLlama, TinyLlamaModule
 
-    def setup(module: pl.LightningModule, stage: int = 3, method: str = "lora", **options) -> None:
+    def setup(module: pl.LightningModule, stage: int = 3, **options) -> None:
         trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=stage), logger=False,
                              default_root_dir=tmp_path)
-        ll.LoRACallback(method, r=4, target_modules=["q_proj"], export_merged=False, **options).setup(
-            trainer, module, "fit")
+        options = options.get("named") or {"r": 4, "target_modules": ["q_proj"], **options}
+        ll.LoRACallback(export_merged=False, **options).setup(trainer, module, "fit")
 
     module = TinyLlamaModule()
+    named = {"a": {"r": 4, "target_modules": ["q_proj"]}, "b": {"method": "loha", "r": 4}}
     cases = [
-        (dict(method="loha"), r"supports lora, dora with one adapter.*not loha yet.*strategy='ddp'"),
+        (dict(named={"adapters": named, "adapter_key": "task"}),
+         r"adapter_key='task': a rank's batch may hold no example.*Drop adapter_key.*ddp_find_unused_parameters_true"),
+        (dict(named={"adapters": {**named, "b": {**named["b"], "module_dropout": 0.1}}}),
+         r"b's module_dropout skips its whole update.*set module_dropout=0"),
         (dict(stage=1), r"ZeRO stages 2 and 3.*deepspeed_stage_2.*not stage 1"),
         (dict(compile=True), r"compile=.*not tested under ZeRO.*strategy='ddp'"),
     ]

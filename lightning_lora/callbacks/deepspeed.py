@@ -25,10 +25,9 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from lightning_lora import deepspeed_io
-from lightning_lora.callbacks.distributed import read_adapter_checkpoint, write_adapter_checkpoint
+from lightning_lora.callbacks.distributed import read_adapter_checkpoint, skipping_updates, write_adapter_checkpoint
 from lightning_lora.config import AdapterConfig, ConfigError
 
-DEEPSPEED_METHODS = ("lora", "dora")  # tested under ZeRO-2/3 against one process (tests/test_deepspeed.py)
 _METHODS = ("_setup_model_and_optimizer", "lightning_module_state_dict", "optimizer_state", "save_checkpoint",
             "load_checkpoint", "load_model_state_dict")
 
@@ -39,9 +38,11 @@ def zero_stage(strategy: Any) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: bool, quantize: Any,
+def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], adapter_key: Optional[str], quantize: Any,
                     compile_enabled: Optional[bool], merge_options: Optional[dict[str, Any]] = None) -> None:
-    """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``."""
+    """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``. Every
+    method of the registry, one adapter or several named ones, trains under ZeRO-2 and ZeRO-3 as in one process
+    (tests/test_deepspeed.py); refused is what may leave a rank's adapter tensor without a gradient in a step."""
     stage = zero_stage(strategy)
     fix = "Use strategy='ddp', or ModelParallelStrategy with FSDP2 (lightning_lora.distributed.shard_model)"
     if stage not in (2, 3):
@@ -49,12 +50,13 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], named: boo
             f"LoRACallback under DeepSpeedStrategy supports ZeRO stages 2 and 3 (strategy='deepspeed_stage_2' or "
             f"'deepspeed_stage_3'), not stage {stage}: stages 0-1 are not tested here. {fix}."
         )
-    methods = sorted({c.method for c in configs.values()})
-    untested = [m for m in methods if m not in DEEPSPEED_METHODS] + (["several named adapters"] if named else [])
-    if untested:
+    why = ([f"adapter_key={adapter_key!r}: a rank's batch may hold no example of some adapter"] if adapter_key else []
+           ) + [f"{name}'s module_dropout skips its whole update in some steps" for name in skipping_updates(configs)]
+    if why:
         raise ConfigError(
-            f"LoRACallback under DeepSpeedStrategy supports {', '.join(DEEPSPEED_METHODS)} with one adapter (what is "
-            f"tested against one process); not {', '.join(untested)} yet. {fix}."
+            f"LoRACallback under DeepSpeedStrategy: {'; '.join(why)}, so those adapter parameters get no gradient on "
+            "that rank, which ZeRO's gradient partitioning is not tested with. Drop adapter_key (train the adapters "
+            "one after another) and set module_dropout=0, or use strategy='ddp_find_unused_parameters_true'."
         )
     check_quantized(strategy, quantize, merge_options or {})
     if compile_enabled:

@@ -316,6 +316,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
         self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
         self._deepspeed = False  # DeepSpeedStrategy: ZeRO holds the adapters' masters (stage 3: partitions them too)
+        self._zero_grads: dict = {}  # DeepSpeed: whole gradients read before the step, for MethodSpec.after_step
         self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded after pruning
         self._optimizers_pruned = False  # on_fit_start has run (frozen parameters left the optimizers)
         self._replicated: list[nn.Parameter] = []  # FSDP2: trainable parameters kept whole on every rank
@@ -385,7 +386,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         """Under DeepSpeedStrategy only the adapter reaches ZeRO's optimizer and checkpoints are adapter-only
         (callbacks/deepspeed.py). ZeRO-3 runs configure_model inside deepspeed.zero.Init, so there the adapters go
         in before it, as under FSDP2."""
-        zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, bool(self.named_configs),
+        zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, self.adapter_key,
                              self.quantize, self.compile_policy.enabled, self.merge_options)
         if zero.zero_stage(trainer.strategy) == 3:
             try:
@@ -541,15 +542,19 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         if self._replicated:  # FSDP2 averages the gradients of what it shards; these it was told to leave whole
             distributed.average_replicated_grads(self._replicated, fsdp2.data_parallel_group(trainer.strategy))
         for spec in self._method_specs():
-            if spec.regularization is not None:  # its gradient joins the (unscaled, all-reduced) loss gradient
-                with self._whole(spec):
-                    term = spec.regularization(adapters(self.model))
+            # ZeRO drops the gradients at its step: _whole reads them now for after_step too
+            if spec.regularization is not None or (self._deepspeed and spec.after_step is not None):
+                with self._whole(spec):  # its gradient joins the (unscaled, all-reduced) loss gradient
+                    term = spec.regularization(adapters(self.model)) if spec.regularization is not None else None
                     if term is not None:
                         term.backward()
         self._stepped = True
 
     def _whole(self, spec: Any) -> Any:
-        """FSDP2: a method's training-loop hook sees its adapters' tensors whole (``distributed.whole_trainable``)."""
+        """FSDP2 and DeepSpeed: a method's training-loop hook sees its adapters' tensors whole, with whole gradients
+        (``distributed.whole_trainable``, ``deepspeed_io.whole_trainable``)."""
+        if self._deepspeed:
+            return deepspeed_io.whole_trainable(distributed.method_modules(self.model, spec.name), self._zero_grads)
         if not self._sharded:
             return contextlib.nullcontext()
         return distributed.whole_trainable(distributed.method_modules(self.model, spec.name))
@@ -673,6 +678,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
                 with self._whole(spec):
                     spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
         self._stepped = False
+        self._zero_grads.clear()
         if self._probe is None and self.quantize is not None and self.export_merged and not (self._sharded
                                                                                              or self._deepspeed):
             self._probe = probe_from_batch(self.model, batch)
