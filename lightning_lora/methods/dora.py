@@ -10,6 +10,7 @@ whole lookup.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -32,17 +33,31 @@ def factored_norm(w: Tensor, a: Tensor, b: Tensor, s: float) -> Tensor:
     return norm_sq.clamp_min(0).sqrt()
 
 
+# Paths whose DoRA recomputes the base output in backward (``DoRAUpdate.recompute_base``): the query and key
+# projections, whose outputs nothing else keeps for backward (a rotary embedding or a query scaling makes new tensors of
+# them before the attention op keeps its inputs; rotary's own backward keeps only cos and sin).
+RECOMPUTE_BASE = re.compile(r"(^|\.)(q_proj|k_proj)$")
+
+
 class _DoRAOutput(torch.autograd.Function):
     """DoRA's linear output ``out + s_l L + (s - 1) C``, ``C = base + s_l L`` (``L = B A x``, ``s_l`` LoRA's scaling,
-    ``s = m / n`` per output unit with the norm ``n`` a constant), with its gradients written out so that backward
-    keeps one ``(tokens, out)`` tensor instead of autograd's two (the base output and the LoRA output):
+    ``s = m / n`` per output unit with the norm ``n`` a constant), with its gradients written out. ``m``'s gradient,
+    ``sum_tokens(g * C) / n``, is all that needs a ``(tokens, out)`` tensor in backward; ``keep`` says where it comes
+    from (autograd's own formula would keep two such tensors, the base output and the LoRA output):
 
-    - ``C`` itself in general (``m``'s gradient is ``sum_tokens(g * C) / n``);
-    - or, with ``keep_output`` (``base`` is ``out - bias`` and no other update of the layer writes into the result in
-      place), the result ``r`` itself: ``r = bias + s C`` makes ``m``'s gradient ``sum_tokens(g * (r - bias)) / m``, and
-      the layer's next operation usually keeps ``r`` anyway (Llama's SiLU and gate product keep the gate and up
-      projections' outputs), so those layers cost nothing extra. An output unit whose magnitude is exactly 0 then gets
-      no magnitude gradient.
+    - ``"combined"``: ``C`` itself, kept from forward;
+    - ``"output"`` (``base`` is ``out - bias`` and no other update of the layer writes into the result in place): the
+      result ``r`` itself, ``r = bias + s C`` making ``m``'s gradient ``sum_tokens(g * (r - bias)) / m``; the layer's
+      next operation usually keeps ``r`` anyway (Llama's SiLU and gate product keep the gate and up projections'
+      outputs, attention its value input), so those layers keep nothing extra. An output unit whose magnitude is
+      exactly 0 then gets no magnitude gradient;
+    - ``"recompute"``: nothing of that size: ``sum_tokens(g * C)`` per unit is ``rowsum(W * (g^T x))`` plus
+      ``s_l rowsum(B * (g^T (x A^T)))``, from the input ``x_in`` and ``x A^T``, which LoRA's own matmuls keep anyway:
+      one more GEMM of the base layer's size in backward, and a weight-sized temporary there (written this way, not
+      as ``x W^T`` again, which the compiler's common-subexpression pass would merge with forward's base output and
+      keep after all). For layers whose output nothing else keeps (``RECOMPUTE_BASE``). ``weight`` is the layer's
+      weight as stored (dequantized in backward, so a quantized base keeps no dense copy), ``transposed`` for
+      ``Conv1D``.
 
     ``s - 1`` is taken in float32 and the two small terms are summed before the large base output (rounding
     ``m / n`` to bfloat16 first, or adding the terms one by one, would lose a magnitude change below ~0.3%).
@@ -50,24 +65,28 @@ class _DoRAOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: Tensor, base: Optional[Tensor], bias: Optional[Tensor], lora: Tensor, magnitude: Tensor,
-                norm: Tensor, lora_scaling: float, keep_output: bool) -> Tensor:
+                norm: Tensor, lora_scaling: float, keep: str, x_in: Optional[Tensor] = None,
+                weight: Optional[Tensor] = None, after_a: Optional[Tensor] = None, b_weight: Optional[Tensor] = None,
+                transposed: bool = False) -> Tensor:
         dtype = out.dtype
         scale = magnitude.float() / norm
         scaled_lora = lora * lora_scaling
         combined = (out if bias is None else out - bias) if base is None else base
         combined = combined + scaled_lora
         result = out + (scaled_lora + (scale - 1).to(dtype) * combined)
-        ctx.keep_output, ctx.base_given, ctx.lora_scaling = keep_output, base is not None, lora_scaling
+        ctx.keep, ctx.base_given, ctx.lora_scaling, ctx.transposed = keep, base is not None, lora_scaling, transposed
         ctx.magnitude_dtype = magnitude.dtype
-        if keep_output:
+        if keep == "output":
             ctx.save_for_backward(result, bias, magnitude, scale)
-        else:
+        elif keep == "combined":
             ctx.save_for_backward(combined, bias, norm, scale)
+        else:
+            ctx.save_for_backward(None, bias, norm, scale, x_in, weight, after_a, b_weight)
         return result
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        kept, bias, divisor, scale = ctx.saved_tensors
+        kept, bias, divisor, scale = ctx.saved_tensors[:4]
         dtype = grad.dtype
         shift = (scale - 1).to(dtype)
         needs = ctx.needs_input_grad
@@ -82,19 +101,30 @@ class _DoRAOutput(torch.autograd.Function):
         if needs[3]:
             grad_lora = grad * (scale * ctx.lora_scaling).to(dtype)
         if needs[4]:
-            dot = (grad * kept).sum(0, dtype=torch.float32)
-            if ctx.keep_output:
+            if ctx.keep == "recompute":  # sum_t g C = rowsum(W * (g^T x)) + s_l rowsum(B * (g^T x A^T))
+                x_in, weight, after_a, b_weight = ctx.saved_tensors[4:]
+                w = dense(weight)
+                w = w.T if ctx.transposed else w
+                dot = (w.float() * (grad.T @ x_in.to(dtype)).float()).sum(1)
+                dot = dot + ctx.lora_scaling * (b_weight.float() * (grad.T @ after_a).float()).sum(1)
+            else:
+                dot = (grad * kept).sum(0, dtype=torch.float32)
+            if ctx.keep == "output":
                 if bias is not None:
                     dot = dot - bias.float() * grad.sum(0, dtype=torch.float32)
                 grad_m = torch.where(divisor != 0, dot / divisor.float(), torch.zeros_like(dot))
             else:
                 grad_m = dot / divisor
             grad_m = grad_m.to(ctx.magnitude_dtype)
-        return grad_out, grad_base, grad_bias, grad_lora, grad_m, None, None, None
+        return grad_out, grad_base, grad_bias, grad_lora, grad_m, None, None, None, None, None, None, None, None
 
 
 class DoRAUpdate(LoRAUpdate):
-    """DoRA on ``nn.Linear`` or ``Conv1D``: LoRA's A and B plus ``lora_magnitude_vector`` (PEFT's name for m)."""
+    """DoRA on ``nn.Linear`` or ``Conv1D``: LoRA's A and B plus ``lora_magnitude_vector`` (PEFT's name for m).
+    ``recompute_base`` (set by ``build_dora`` from ``RECOMPUTE_BASE``): backward recomputes the base output instead of
+    keeping a ``(tokens, out)`` tensor from forward (see ``_DoRAOutput``)."""
+
+    recompute_base = False
 
     def __init__(self, base_layer: nn.Module, config: LoRAConfig, r: int, alpha: float) -> None:
         super().__init__(base_layer, config, r, alpha)
@@ -117,11 +147,15 @@ class DoRAUpdate(LoRAUpdate):
             # as in PEFT: the magnitude rescales the dropped-out input's base projection
             x = self.lora_dropout(x)
             base = F.linear(x.to(dtype), w.to(dtype))
-        after_a = F.linear(x.to(dtype), self.lora_A.weight.to(dtype)).to(dtype)
-        lora = F.linear(after_a, self.lora_B.weight.to(dtype)).to(dtype)
-        keep_output = base is None and len(layer.adapters) == 1  # nothing else writes into the result in place
-        return _DoRAOutput.apply(out, base, layer.bias, lora, self.lora_magnitude_vector, norm, self.scaling,
-                                 keep_output)
+        x_in = x.to(dtype)
+        after_a = F.linear(x_in, self.lora_A.weight.to(dtype)).to(dtype)
+        b_weight = self.lora_B.weight.to(dtype)
+        lora = F.linear(after_a, b_weight).to(dtype)
+        if self.recompute_base:
+            return _DoRAOutput.apply(out, base, layer.bias, lora, self.lora_magnitude_vector, norm, self.scaling,
+                                     "recompute", x_in, layer.weight, after_a, b_weight, layer.kind.fan_in_fan_out)
+        keep = "output" if base is None and len(layer.adapters) == 1 else "combined"  # nothing else writes in place
+        return _DoRAOutput.apply(out, base, layer.bias, lora, self.lora_magnitude_vector, norm, self.scaling, keep)
 
     def delta_weight(self, layer: AdaptedLayer) -> Tensor:
         lora = self.lora_weight() * self.scaling
@@ -235,7 +269,10 @@ UPDATES = {"linear": DoRAUpdate, "conv": DoRAConvUpdate, "embedding": DoRAEmbedd
 def build_dora(base_layer: nn.Module, config: LoRAConfig, path: str) -> LoRAUpdate:
     r, alpha = rank_and_alpha(config, path)
     check_rank(base_layer, r, path)
-    return UPDATES[base_kind(base_layer).family](base_layer, config, r, alpha)
+    update = UPDATES[base_kind(base_layer).family](base_layer, config, r, alpha)
+    if isinstance(update, DoRAUpdate) and RECOMPUTE_BASE.search(path):
+        update.recompute_base = True
+    return update
 
 
 def supports_dora(module: nn.Module) -> bool:
