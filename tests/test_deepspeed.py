@@ -64,19 +64,19 @@ def checkpoint(run: Path, step: int) -> dict:
 
 
 def test_every_method_under_zero3_and_zero2_matches_one_process(tmp_path: Path) -> None:
-    """Both stages launched at once (ZeRO-2 also resumes one process's step-4 checkpoints); then one process resumes
-    ZeRO-3's. Every run ends at one process's files."""
+    """ZeRO-3 launched first, one process trains meanwhile in this process, then ZeRO-2 (which also resumes one
+    process's step-4 checkpoints); then one process resumes ZeRO-3's. Every run ends at one process's files."""
     from ddp_train import RUNS, WEIGHT_UPDATES
 
     runs = {"lora": {}, "dora_loraplus": DORA_LORAPLUS, **RUNS}
     one_dir, zero3_dir, zero2_dir = tmp_path / "one", tmp_path / "zero3", tmp_path / "zero2"
-    one_process(one_dir, runs)
 
     def resuming(source: Path) -> dict:
         return {f"resumed-{run}": {**runs[run], "resume": str(step_checkpoint(source / run, 4))}
                 for run in ("lora", "weight_updates")}
 
     zero3 = launch(zero3_dir, 3, runs)
+    one_process(one_dir, runs)
     zero2 = launch(zero2_dir, 2, {**runs, **resuming(one_dir)})
     finish(zero3, zero3_dir)
     finish(zero2, zero2_dir)
