@@ -5,7 +5,8 @@ The quantized weights are kept out of DeepSpeed's parameters (``lightning_lora.d
 rank, rank zero's broadcast to the others: each run starts rank one from another base (``--perturb-other-ranks``),
 so an unbroadcast base would train another adapter. ZeRO partitions the adapter. Checked: the adapter (rtol 1e-4,
 atol 1e-5, as for the float base), checkpoints without any base tensor in one process's layout, the merged export
-(dequantized, merged in float32, written by rank zero) and one process resuming ZeRO-3's checkpoint.
+(dequantized, merged in float32, written by rank zero) and one process resuming ZeRO-3's checkpoint; ZeRO's
+bf16-mixed over NF4 stays within bf16 rounding of the float32 run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ RUNS = {
     "int8_zero3": {"stage": 3, "max_steps": 4, "options": {"quantize": "int8"}},
     "int4_zero2": {"stage": 2, "max_steps": 4, "options": {"quantize": {"format": "int4", "group_size": 16}}},
 }
+# ZeRO's bf16 mode (params and activations in bf16, float32 masters) over NF4: against nf4_zero3's float32 step 4
+BF16 = {"nf4_zero3_bf16": {**RUNS["nf4_zero3"], "precision": "bf16-mixed", "max_steps": 4, "export_merged": False}}
 
 
 def launch(out: Path, devices: int, runs: dict) -> None:
@@ -73,7 +76,7 @@ def test_quantized_base_under_zero_matches_one_process(tmp_path: Path) -> None:
     adapter equals one process's; checkpoints and exports as one process writes them; one process resumes ZeRO-3."""
     one_dir, zero_dir = tmp_path / "one", tmp_path / "zero"
     launch(one_dir, 1, {name: {k: v for k, v in run.items() if k != "stage"} for name, run in RUNS.items()})
-    launch(zero_dir, 2, RUNS)
+    launch(zero_dir, 2, {**RUNS, **BF16})
     for name in RUNS:
         one, zero = adapter(one_dir / name), adapter(zero_dir / name)
         assert zero.keys() == one.keys() and len(one) >= 8, name
@@ -95,6 +98,10 @@ def test_quantized_base_under_zero_matches_one_process(tmp_path: Path) -> None:
             merged, expected_merged = read_merged(zero_dir / name / "merged"), read_merged(one_dir / name / "merged")
             assert merged.keys() == expected_merged.keys(), name
             torch.testing.assert_close(merged, expected_merged, **TOL, msg=lambda m, name=name: f"{name}: {m}")
+
+    bf16, float32 = adapter(zero_dir / "nf4_zero3_bf16"), adapter(one_dir / "nf4_zero3" / "step-4")
+    assert all(v.dtype == torch.float32 for v in bf16.values())  # the float32 masters, exported
+    torch.testing.assert_close(bf16, float32, rtol=0, atol=2e-2)  # bf16 rounding (7e-3 seen), B about 4e-2
 
     # one process resumes ZeRO-3's step-4 checkpoint (it holds no base: the base is quantized anew) and ends where
     # one process ends
