@@ -20,7 +20,9 @@ prompt's prefill included, amortized). Every row names its card and its ratio to
 ``--compiled`` adds rows run as a server would to take the host out: HF's static-cache ``generate``
 (``cache_implementation="static"``) with its forward compiled (``CompileConfig``: Inductor, ``mode="reduce-overhead"``,
 so CUDA graphs), for the base, for ours unmerged and for ours unmerged with bf16 adapters (float32 adapters cost two
-cast kernels per layer and step there); the compiled rows' ratios are to the compiled base. On the CPU (``--tiny``) it compiles with the "eager" backend, only to check that the path runs.
+cast kernels per layer and step in the GEMM form), and the last once more with ``lora.DECODE_ROWS = 0``: LoRA's two
+GEMMs per layer instead of ``lora.decode_update``'s reductions, which Inductor fuses with their neighbours; the
+compiled rows' ratios are to the compiled base. On the CPU (``--tiny``) it compiles with the "eager" backend, only to check that the path runs.
 
 ``--overhead``: the host cost of one adapted layer alone (batch-1 decoding is bound by it): microseconds per call of
 an ``nn.Linear`` and of the same layer with unmerged LoRA (1 and 2 adapters active, dropout configured in eval mode,
@@ -53,11 +55,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import lightning_lora as ll  # noqa: E402
 from lightning_lora import surgery  # noqa: E402
+from lightning_lora.methods import lora as lora_method  # noqa: E402
 from _models import (  # noqa: E402
     LLAMA_1B, TINY, build_base, copy_adapters_to_peft, describe_run, device_name, free, llama_config, sync, wrap_peft,
 )
 
 NAMES = ["lora_A", "lora_B"]
+GEMM_FORM = "GEMM form (DECODE_ROWS=0)"  # compiled decoding with LoRA's two GEMMs, as before lora.decode_update
 
 
 def adapted_pair(base, args):
@@ -334,6 +338,7 @@ def main() -> int:
           f"{len(ll.adapters(ours))} linear layers")
 
     compiled = "static cache, compiled"
+    decode_rows = lora_method.DECODE_ROWS
     variants = [
         ("base", base, None, {}),
         ("PEFT unmerged", peft, None, {}),
@@ -345,7 +350,9 @@ def main() -> int:
     if args.compiled:
         variants += [(f"base, {compiled}", base, None, static_compiled(device)),
                      (f"ours unmerged, {compiled}", ours, lambda: ll.unmerge(ours), static_compiled(device)),
-                     (f"ours unmerged, bf16 adapters, {compiled}", served, None, static_compiled(device))]
+                     (f"ours unmerged, bf16 adapters, {compiled}", served, None, static_compiled(device)),
+                     (f"ours unmerged, bf16 adapters, {compiled}, {GEMM_FORM}", copy.deepcopy(served),
+                      lambda: setattr(lora_method, "DECODE_ROWS", 0), static_compiled(device))]
     rows: list[tuple[str, float, torch.Tensor]] = []
     for name, model, prepare, options in variants:
         if prepare is not None:
@@ -353,17 +360,19 @@ def main() -> int:
         ms, tokens = time_generate(model, ids, args, device, **options)
         rows.append((name, ms, tokens))
         print(f"{name}: {ms:.2f} ms/token", flush=True)
+    lora_method.DECODE_ROWS = decode_rows
 
     reference = {name: (ms, tokens) for name, ms, tokens in rows}
     card = device_name(device)
     twins = {"ours unmerged": "PEFT unmerged", "ours merged": "PEFT merged", "PEFT merged": "PEFT unmerged",
              "ours unmerged, bf16 adapters": "ours unmerged", f"base, {compiled}": "base",
              f"ours unmerged, {compiled}": "ours unmerged",
-             f"ours unmerged, bf16 adapters, {compiled}": f"ours unmerged, {compiled}"}
+             f"ours unmerged, bf16 adapters, {compiled}": f"ours unmerged, {compiled}",
+             f"ours unmerged, bf16 adapters, {compiled}, {GEMM_FORM}": f"ours unmerged, bf16 adapters, {compiled}"}
     print("\n| variant | device | ms/token (best of %d) | vs base | greedy tokens equal to |" % args.rounds)
     print("| --- | --- | ---: | ---: | --- |")
     for name, ms, tokens in rows:
-        base_name = f"base, {compiled}" if name.endswith(compiled) else "base"  # compiled rows: vs the compiled base
+        base_name = f"base, {compiled}" if compiled in name else "base"  # compiled rows: vs the compiled base
         twin = twins.get(name)
         equal = "—" if twin is None else (
             f"{twin}: {(tokens == reference[twin][1]).float().mean().item() * 100:.0f}% of positions")

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lightning_lora as ll
 from lightning_lora import surgery
 from lightning_lora.hotswap import hotswap_adapter
-from lightning_lora.methods.lora import LoRADecodePlan
+from lightning_lora.methods.lora import DECODE_ROWS, LoRADecodePlan
 from conftest import make_llama
 from peft_oracle import ours_to_peft, peft_model, randomize_adapters
 
@@ -100,10 +100,13 @@ def test_greedy_tokens_equal_peft_unmerged_and_merged() -> None:
 
 
 CASTS = (torch.ops.aten._to_copy.default, torch.ops.prims.convert_element_type.default)
+GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+PREFILL = torch.randint(3, 64, (1, DECODE_ROWS + 4), generator=torch.Generator().manual_seed(1))  # the GEMM path
 
 
-def compiled_casts(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
-    """The no-grad logits of ``model`` compiled (AOT-traced ATen graph, run as traced) and its number of casts."""
+def compiled(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """The no-grad logits of ``model`` compiled (AOT-traced ATen graph, run as traced), and the graph's numbers of
+    casts and of GEMMs."""
     graphs = []
 
     def record(gm: torch.fx.GraphModule, _: object) -> torch.fx.GraphModule:
@@ -111,18 +114,21 @@ def compiled_casts(model: torch.nn.Module) -> tuple[torch.Tensor, int]:
         return gm
 
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+    compiled_model = torch.compile(model, backend=aot_autograd(fw_compiler=record), fullgraph=True)
     with torch.no_grad():
-        logits = compiled(input_ids=IDS).logits
+        logits = compiled_model(input_ids=ids).logits
     torch._dynamo.reset()
-    return logits, sum(node.target in CASTS for gm in graphs for node in gm.graph.nodes)
+    targets = [node.target for gm in graphs for node in gm.graph.nodes]
+    return logits, sum(t in CASTS for t in targets), sum(t in GEMMS for t in targets)
 
 
 def test_adapters_cast_to_the_activations_dtype_serve_without_casts() -> None:
     """The serving recipe: float32 adapters over a bf16 base, their parameters cast to bf16 (only theirs: a whole
     ``model.to`` would also cast buffers such as HF's float32 rotary ``inv_freq``), give the same logits bit for bit,
     since the forward rounds A and B to bf16 anyway; eager, nothing is cast or copied even on the first call;
-    compiled, the graph has the base model's casts only (float32 adapters: two per layer, each step)."""
+    compiled with more than ``DECODE_ROWS`` rows (a prompt), the graph has the base model's casts only (float32
+    adapters would add two per layer, each step). Compiled decoding (a few rows) runs no GEMM per update at all (see
+    ``decode_update``), and gives the eager logits."""
     model = make_llama(layers=1).to(torch.bfloat16)  # one decoder layer: three compiles stay quick
     ll.inject(model, ll.AdapterConfig.create("lora", r=4, target_modules="all-linear"))
     randomize_adapters(model, seed=3)
@@ -140,14 +146,17 @@ def test_adapters_cast_to_the_activations_dtype_serve_without_casts() -> None:
     fresh = deepcopy(model)  # float32 adapters: cast once, on the first call
     assert (Counter(ops(fresh, IDS)) - Counter(ops(fresh, IDS)))["aten._to_copy"] == 2 * len(ll.adapters(model))
 
+    layers = len(ll.adapters(model))
+    with torch.no_grad():
+        prefill = model(input_ids=PREFILL).logits
     with ll.disable_adapters(model):
-        _, base_casts = compiled_casts(model)
-    logits, casts = compiled_casts(serving)
-    assert casts == base_casts
-    assert torch.equal(logits, reference)
-    logits, casts = compiled_casts(model)
-    assert casts == base_casts + 2 * len(ll.adapters(model))
-    assert torch.equal(logits, reference)
+        _, base_casts, base_gemms = compiled(model, PREFILL)
+    logits, casts, gemms = compiled(serving, PREFILL)
+    assert (casts, gemms) == (base_casts, base_gemms + 2 * layers)
+    assert torch.equal(logits, prefill)
+    logits, _, gemms = compiled(serving, IDS)  # decoding: the updates as fused reductions
+    assert gemms == base_gemms
+    torch.testing.assert_close(logits, reference)
 
 
 # -- the decode plan (LoRADecodePlan): the general path's operators without its per-update module calls -------------
@@ -310,20 +319,27 @@ def test_decode_plan_with_dropout_in_train_and_eval_mode() -> None:
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("adapters", [1, 2])
-def test_decode_plan_runs_the_minimal_operators(bias: bool, adapters: int) -> None:
-    """One adapted nn.Linear on (batch, tokens, features) input, no autograd: its linear, then per update one mm and
-    one addmm_ (A^T and B^T kept cast), and the two views between 3-D and 2-D; nothing else."""
+@pytest.mark.parametrize("dims", [3, 2])
+def test_decode_plan_runs_the_minimal_operators(bias: bool, adapters: int, dims: int) -> None:
+    """One adapted nn.Linear without autograd: its linear, then per update one mm and one addmm_ (A^T and B^T kept
+    cast), and on (batch, tokens, features) input the two views between 3-D and 2-D (2-D input: none); nothing else.
+    The output equals the general path's."""
     holder = torch.nn.Sequential(torch.nn.Linear(16, 8, bias=bias)).to(torch.bfloat16)
     for i in range(adapters):
-        ll.inject(holder, ll.AdapterConfig.create("lora", r=2, target_modules=["0"]), name=f"a{i}")
+        ll.inject(holder, ll.AdapterConfig.create("lora", r=2, target_modules=["0"], init_weights=False),
+                  name=f"a{i}")
     surgery.set_active_adapters(holder, [f"a{i}" for i in range(adapters)])
-    x = torch.randn(1, 1, 16, dtype=torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16).view((1, 3, 16)[-dims:])
     with torch.no_grad():
         holder(x)  # casts A and B to bf16 once
         with Ops() as recorded:
-            holder(x)
+            fast = holder(x)
+        with general_path(holder) as calls:
+            general = holder(x)
     linear = ["t", "addmm"] if bias else ["t", "mm"]
-    assert recorded.names == [f"aten.{n}" for n in ["view", *linear, *["mm", "addmm_"] * adapters, "view"]]
+    views = ["view"] if dims == 3 else []
+    assert recorded.names == [f"aten.{n}" for n in [*views, *linear, *["mm", "addmm_"] * adapters, *views]]
+    assert calls[0] == adapters and fast.shape == x.shape[:-1] + (8,) and torch.equal(fast, general)
 
 
 class Doubled(torch.nn.Module):

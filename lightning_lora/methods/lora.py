@@ -52,6 +52,9 @@ class LoRAUpdate(WeightUpdate):
                 self.training and isinstance(self.lora_dropout, nn.Dropout)):
             a_t, b_t = self._inference_factors(out.dtype)
             return out.addmm_(x.mm(a_t), b_t, alpha=self.scaling)
+        if not torch.is_grad_enabled() and x.shape[0] <= DECODE_ROWS and not (  # compiled decoding (training: no
+                self.training and isinstance(self.lora_dropout, nn.Dropout)):  # guard on the rows)
+            return decode_update(x, out, self.lora_A.weight, self.lora_B.weight, self.scaling)
         after_a = F.linear(self.lora_dropout(x), self.lora_A.weight.to(out.dtype)).to(out.dtype)
         return out.addmm_(after_a, self.lora_B.weight.to(out.dtype).t(), alpha=self.scaling)
 
@@ -90,6 +93,23 @@ class LoRAUpdate(WeightUpdate):
         return self.lora_weight() * self.scaling
 
 
+# Compiled without autograd, inputs of at most this many rows (decoding) take ``decode_update``; 0: never.
+DECODE_ROWS = 16
+
+
+def decode_update(x: Tensor, out: Tensor, a: Tensor, b: Tensor, scaling: float) -> Tensor:
+    """``out + scaling * B A x`` for a few rows, written as products and sums instead of two GEMMs, for compiled
+    decoding: Inductor generates the two small reductions itself and fuses them with their neighbours (the casts of A
+    and B, the add into the base output), where the GEMM form launches two tiny cuBLAS kernels per layer and step
+    (the bulk of unmerged decoding's cost under CUDA graphs). Same rounding points as the GEMM path: A and B in the
+    output's dtype, float32 sums, ``x A^T`` rounded once, the sum with ``out`` rounded once. Eager it would
+    materialize ``rows x r x in`` products, so only the compiled path calls it."""
+    dtype = out.dtype
+    h = (x.unsqueeze(1).float() * a.to(dtype).unsqueeze(0).float()).sum(-1).to(dtype)  # (rows, r)
+    delta = (h.unsqueeze(1).float() * b.to(dtype).unsqueeze(0).float()).sum(-1)  # (rows, out_features)
+    return (out.float() + delta * scaling).to(dtype)
+
+
 class LoRADecodePlan:
     """An ``nn.Linear`` ``AdaptedLayer``'s forward without autograd over unmerged LoRA updates, for batch-1 decoding,
     where the host's time per layer is the cost: the same operators in the same order as the general path (one
@@ -115,12 +135,12 @@ class LoRADecodePlan:
         except KeyError:  # computed (torch.nn.utils.parametrize)
             weight, bias = layer.weight, layer.bias
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        out = F.linear(x, weight, bias)
+        flat = x if len(shape) == 2 else x.reshape(-1, shape[-1])  # 2-D already (tokens x features): no views
+        out = F.linear(flat, weight, bias)
         for u in self.updates:
             a_t, b_t = u._inference_factors(out.dtype)
-            out.addmm_(x.mm(a_t), b_t, alpha=u.scaling)
-        return out.view(*shape[:-1], out.shape[-1])
+            out.addmm_(flat.mm(a_t), b_t, alpha=u.scaling)
+        return out if flat is x else out.view(*shape[:-1], out.shape[-1])
 
 
 class LoRAConvUpdate(WeightUpdate):
