@@ -7,7 +7,8 @@ op is built), float32 (TF32 off by torch's default for matmuls), 8 steps of a gl
 checkpoints and exports at steps 4 and 8, ZeRO-3 with ``stage3_param_persistence_threshold=0`` so every tensor is
 partitioned. ``--methods`` names runs: ``lora`` and ``dora`` (r=4 on q/v), ``weight_updates`` (every weight-update
 method of the registry at once as named adapters: LoRA, DoRA, AdaLoRA with its rank allocation, VeRA, OFT, BOFT, HRA
-with its regularizer, Bone, MiSS, LoHa, LoKr), and each inserted method in its own model (``houlsby``, ``pfeiffer``,
+with its regularizer, Bone, MiSS, LoHa, LoKr), ``dora_loraplus`` (LoRA+), ``lora_inits`` (PiSSA, OLoRA, rsLoRA and
+gaussian DoRA as named adapters), and each inserted method in its own model (``houlsby``, ``pfeiffer``,
 ``llama_adapter``, ``prefix``, ``prompt``, ``bitfit``, ``xlora``); ``all`` is every one of them. Checks, per run and
 stage:
 
@@ -51,7 +52,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # ddp_train.RUNS: the runs of every method
+sys.path.insert(0, str(ROOT / "tests"))  # deepspeed_train.ALL_RUNS: the runs of every method
 SCRIPT = ROOT / "tests" / "deepspeed_train.py"
 ADAPTER = "adapter_model.safetensors"
 
@@ -113,21 +114,21 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 def run_names() -> list[str]:
-    from ddp_train import RUNS
+    from deepspeed_train import ALL_RUNS
 
-    return ["lora", "dora", *RUNS]
+    return list(dict.fromkeys(["lora", "dora", *ALL_RUNS]))
 
 
 def method_runs(methods: list[str]) -> dict[str, dict]:
-    """deepspeed_train.py ``--runs`` entries for ``--methods``: LoRA/DoRA alone on q/v, ``weight_updates`` and each
-    inserted method as ``tests/ddp_train.py``'s ``RUNS`` hold them (the runs the suite's tests train)."""
-    from ddp_train import RUNS
+    """deepspeed_train.py ``--runs`` entries for ``--methods``: LoRA/DoRA alone on q/v, and the rest as
+    ``tests/deepspeed_train.py``'s ``ALL_RUNS`` hold them (the runs the suite's test trains)."""
+    from deepspeed_train import ALL_RUNS
 
     names = run_names() if "all" in methods else methods
     unknown = sorted(set(names) - set(run_names()))
     if unknown:
         sys.exit(f"--methods: unknown {unknown}; choose from {', '.join(run_names())} or all")
-    return {name: {"method": name} if name in ("lora", "dora") else RUNS[name] for name in names}
+    return {name: {"method": name} if name in ("lora", "dora") else ALL_RUNS[name] for name in names}
 
 
 def runs_args(runs: dict[str, dict]) -> list[str]:

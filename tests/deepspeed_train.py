@@ -26,8 +26,21 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.deepspeed_io import flat_partitions  # noqa: E402
-from ddp_train import biased_llama  # noqa: E402
+from ddp_train import RUNS, biased_llama  # noqa: E402
 from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
+
+# ``--runs`` entries beyond ddp_train.RUNS (every method) that ZeRO needs too: LoRA+ (its optimizer groups are split
+# before ZeRO flattens them) with DoRA, and LoRA's other initializations and rsLoRA as named adapters (PiSSA and OLoRA
+# rewrite the base weight, before ZeRO-3 partitions it).
+DEEPSPEED_RUNS = {
+    "dora_loraplus": {"method": "dora", "loraplus": 4, "max_steps": 4},  # B and the magnitude at 4x the rate
+    "lora_inits": {"options": {"r": None, "target_modules": None, "adapters": {
+        "pissa": {"method": "lora", "r": 4, "init_weights": "pissa", "target_modules": ["q_proj"]},
+        "olora": {"method": "lora", "r": 4, "init_weights": "olora", "target_modules": ["v_proj"]},
+        "rslora": {"method": "lora", "r": 4, "use_rslora": True, "target_modules": ["k_proj"]},
+        "gaussian": {"method": "dora", "r": 4, "init_weights": "gaussian", "target_modules": ["o_proj"]}}}},
+}
+ALL_RUNS = {"lora": {}, **DEEPSPEED_RUNS, **RUNS}  # every method of the registry under ZeRO (tests/test_deepspeed.py)
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

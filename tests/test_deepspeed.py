@@ -1,8 +1,9 @@
 """DeepSpeed ZeRO (Lightning's ``DeepSpeedStrategy``, stages 2 and 3) with 2 CPU processes (gloo; see
 ``deepspeed_train.py`` for the three CUDA-only steps of Lightning 2.6.6 it replaces).
 
-Every method of the registry, trained by one launch of the processes per stage (``ddp_train.RUNS``, as DDP and FSDP2
-are tested): LoRA alone; DoRA with LoRA+ (its groups split before ZeRO flattens them); every weight-update method at
+Every method of the registry, trained by one launch of the processes per stage (``deepspeed_train.ALL_RUNS``:
+``ddp_train.RUNS``, as DDP and FSDP2 are tested, and more): LoRA alone; DoRA with LoRA+ (its groups split before ZeRO
+flattens them); PiSSA, OLoRA, rsLoRA and gaussian DoRA as named adapters; every weight-update method at
 once as named adapters, with AdaLoRA's rank allocation and AdaLoRA's and HRA's orthogonality regularizers (hooks that
 read and add gradients, which ZeRO keeps in its own partitions, not in ``.grad``); each inserted method in its own
 model (BitFit on a biased Llama, X-LoRA over frozen experts). Each equals one process on the same global batch, file
@@ -31,7 +32,6 @@ from test_ddp import assert_same_files  # noqa: E402  (the same file-by-file com
 
 SCRIPT = Path(__file__).with_name("deepspeed_train.py")
 TOL = dict(rtol=1e-4, atol=1e-5)
-DORA_LORAPLUS = {"method": "dora", "loraplus": 4, "max_steps": 4}  # B and the magnitude at 4x the learning rate
 
 
 def one_process(out: Path, runs: dict) -> None:
@@ -66,9 +66,8 @@ def checkpoint(run: Path, step: int) -> dict:
 def test_every_method_under_zero3_and_zero2_matches_one_process(tmp_path: Path) -> None:
     """ZeRO-3 launched first, one process trains meanwhile in this process, then ZeRO-2 (which also resumes one
     process's step-4 checkpoints); then one process resumes ZeRO-3's. Every run ends at one process's files."""
-    from ddp_train import RUNS, WEIGHT_UPDATES
-
-    runs = {"lora": {}, "dora_loraplus": DORA_LORAPLUS, **RUNS}
+    from ddp_train import WEIGHT_UPDATES
+    from deepspeed_train import ALL_RUNS as runs
     one_dir, zero3_dir, zero2_dir = tmp_path / "one", tmp_path / "zero3", tmp_path / "zero2"
 
     def resuming(source: Path) -> dict:
