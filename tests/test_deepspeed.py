@@ -113,7 +113,8 @@ def test_every_method_under_zero3_and_zero2_matches_one_process(tmp_path: Path) 
 def test_deepspeed_refusals_name_the_fix(tmp_path: Path) -> None:
     """What is not supported under DeepSpeed is refused in setup, naming the fix, with the model untouched: a step
     that may leave a rank's adapter tensor without a gradient (per-example adapters, LoHa/LoKr's module_dropout),
-    ZeRO stages 0-1, the regional compile, a model built in configure_model under ZeRO-3."""
+    ZeRO stages 0-1, the regional compile, a model built in configure_model under ZeRO-3, and a method's
+    optimizer-step hooks (AdaLoRA) with gradient accumulation."""
     import pytorch_lightning as pl
     from pytorch_lightning.strategies import DeepSpeedStrategy
 
@@ -142,3 +143,12 @@ def test_deepspeed_refusals_name_the_fix(tmp_path: Path) -> None:
         assert not ll.adapters(module.model)
     with pytest.raises(ll.ConfigError, match=r"deepspeed.zero.Init.*build the model in __init__.*deepspeed_stage_2"):
         setup(ConfigureModelLlama())
+    # DeepSpeed accumulates gradients inside its step, and Lightning calls the optimizer-step hooks at every batch
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=2), logger=False,
+                         default_root_dir=tmp_path, accumulate_grad_batches=2)
+    with pytest.raises(ll.ConfigError, match=r"accumulate_grad_batches=2: adalora runs a hook.*accumulate_grad_batches=1"):
+        ll.LoRACallback("adalora", init_r=4, target_r=2, target_modules=["q_proj"], total_step=8).setup(
+            trainer, module, "fit")
+    assert not ll.adapters(module.model)
+    ll.LoRACallback("lora", r=4, target_modules=["q_proj"]).setup(trainer, module, "fit")  # no hook: accepted
+    assert ll.adapters(module.model)

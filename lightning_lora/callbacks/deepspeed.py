@@ -27,6 +27,7 @@ from torch import nn
 from lightning_lora import deepspeed_io
 from lightning_lora.callbacks.distributed import read_adapter_checkpoint, skipping_updates, write_adapter_checkpoint
 from lightning_lora.config import AdapterConfig, ConfigError
+from lightning_lora.methods.registry import method_spec
 
 _METHODS = ("_setup_model_and_optimizer", "lightning_module_state_dict", "optimizer_state", "save_checkpoint",
             "load_checkpoint", "load_model_state_dict")
@@ -39,10 +40,12 @@ def zero_stage(strategy: Any) -> int:
 
 
 def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], adapter_key: Optional[str], quantize: Any,
-                    compile_enabled: Optional[bool], merge_options: Optional[dict[str, Any]] = None) -> None:
+                    compile_enabled: Optional[bool], merge_options: Optional[dict[str, Any]] = None, *,
+                    accumulate: int = 1) -> None:
     """Refuse, before anything is injected, what the callback does not support under ``DeepSpeedStrategy``. Every
     method of the registry, one adapter or several named ones, trains under ZeRO-2 and ZeRO-3 as in one process
-    (tests/test_deepspeed.py); refused is what may leave a rank's adapter tensor without a gradient in a step."""
+    (tests/test_deepspeed.py); refused is what may leave a rank's adapter tensor without a gradient in a step, and a
+    method's training-loop hooks with gradient accumulation (``accumulate``: the Trainer's accumulate_grad_batches)."""
     stage = zero_stage(strategy)
     fix = "Use strategy='ddp', or ModelParallelStrategy with FSDP2 (lightning_lora.distributed.shard_model)"
     if stage not in (2, 3):
@@ -57,6 +60,16 @@ def check_deepspeed(strategy: Any, configs: dict[str, AdapterConfig], adapter_ke
             f"LoRACallback under DeepSpeedStrategy: {'; '.join(why)}, so those adapter parameters get no gradient on "
             "that rank, which ZeRO's gradient partitioning is not tested with. Drop adapter_key (train the adapters "
             "one after another) and set module_dropout=0, or use strategy='ddp_find_unused_parameters_true'."
+        )
+    hooked = sorted({c.method for c in configs.values() if method_spec(c.method).regularization is not None
+                     or method_spec(c.method).after_step is not None})
+    if accumulate > 1 and hooked:
+        raise ConfigError(
+            f"LoRACallback under DeepSpeedStrategy with accumulate_grad_batches={accumulate}: {', '.join(hooked)} "
+            "runs a hook at each optimizer step (a regularizer's gradient, AdaLoRA's rank allocation), and under "
+            "DeepSpeed Lightning calls it at every batch (DeepSpeed accumulates inside its step), so it would run "
+            f"{accumulate} times per step. Set accumulate_grad_batches=1 (a larger batch per device instead), or use "
+            "strategy='ddp'."
         )
     check_quantized(strategy, quantize, merge_options or {})
     if compile_enabled:

@@ -387,7 +387,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         (callbacks/deepspeed.py). ZeRO-3 runs configure_model inside deepspeed.zero.Init, so there the adapters go
         in before it, as under FSDP2."""
         zero.check_deepspeed(trainer.strategy, self.named_configs or {"": self.config}, self.adapter_key,
-                             self.quantize, self.compile_policy.enabled, self.merge_options)
+                             self.quantize, self.compile_policy.enabled, self.merge_options,
+                             accumulate=trainer.accumulate_grad_batches)
         if zero.zero_stage(trainer.strategy) == 3:
             try:
                 self._inject(trainer, pl_module)
