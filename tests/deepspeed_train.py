@@ -27,12 +27,15 @@ from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy  # noqa:
 import lightning_lora as ll  # noqa: E402
 from lightning_lora.deepspeed_io import flat_partitions  # noqa: E402
 from ddp_train import RUNS, biased_llama  # noqa: E402
+from conftest import make_llama  # noqa: E402
 from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
 
 # ``--runs`` entries beyond ddp_train.RUNS (every method) that ZeRO needs too: LoRA+ (its optimizer groups are split
-# before ZeRO flattens them) with DoRA, and LoRA's other initializations and rsLoRA as named adapters (PiSSA and OLoRA
-# rewrite the base weight, before ZeRO-3 partitions it).
+# before ZeRO flattens them) with DoRA, LoRA's other initializations and rsLoRA as named adapters (PiSSA and OLoRA
+# rewrite the base weight, before ZeRO-3 partitions it), and LoRA on both sides of a tied embedding (one tensor that
+# ZeRO-3 partitions once; its merge is refused, as in one process).
 DEEPSPEED_RUNS = {
+    "tied": {"tie": True, "export_merged": False, "options": {"target_modules": ["embed_tokens", "lm_head", "q_proj"]}},
     "dora_loraplus": {"method": "dora", "loraplus": 4, "max_steps": 4},  # B and the magnitude at 4x the rate
     "lora_inits": {"options": {"r": None, "target_modules": None, "adapters": {
         "pissa": {"method": "lora", "r": 4, "init_weights": "pissa", "target_modules": ["q_proj"]},
@@ -109,6 +112,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--options", type=json.loads, default={},
                         help='more LoRACallback options as JSON, replacing the defaults: {"adapters": {...}}')
     parser.add_argument("--bias", action="store_true", help="a Llama with biases in its projections (for BitFit)")
+    parser.add_argument("--tie", action="store_true", help="a Llama whose lm_head shares the embedding's weight")
     parser.add_argument("--experts", type=int, default=0, help="LoRA experts the module holds before fit (X-LoRA)")
     parser.add_argument("--perturb-other-ranks", action="store_true",
                         help="ranks but zero scale their base by 1.5 before fit: rank zero's must reach every rank")
@@ -143,6 +147,8 @@ def fit(args: argparse.Namespace) -> None:
     module = TinyLlamaModule(lr=args.lr)
     if args.bias:
         module.model = biased_llama()
+    if args.tie:
+        module.model = make_llama(tie=True).train()
     for i in range(args.experts):  # trained elsewhere: random, frozen by the callback
         ll.inject(module.model, {"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"],
                                  "init_weights": False}, seed=100 + i, name=f"expert{i}")

@@ -3,15 +3,16 @@
 
 Every method of the registry, trained by one launch of the processes per stage (``deepspeed_train.ALL_RUNS``:
 ``ddp_train.RUNS``, as DDP and FSDP2 are tested, and more): LoRA alone; DoRA with LoRA+ (its groups split before ZeRO
-flattens them); PiSSA, OLoRA, rsLoRA and gaussian DoRA as named adapters; every weight-update method at
-once as named adapters, with AdaLoRA's rank allocation and AdaLoRA's and HRA's orthogonality regularizers (hooks that
-read and add gradients, which ZeRO keeps in its own partitions, not in ``.grad``); each inserted method in its own
-model (BitFit on a biased Llama, X-LoRA over frozen experts). Each equals one process on the same global batch, file
-by file: the adapter exports at steps 4 and 8 and at the end, and the merged exports (rtol 1e-4, atol 1e-5, as for
-DDP and FSDP2: the runs differ only in the order float32 gradients are summed). ZeRO-3 partitions every tensor
-(adapters too) and only the adapter reaches ZeRO's optimizer; checkpoints hold whole adapter tensors (AdaLoRA's
-statistics too) and Adam state in one process's layout (not ZeRO-3's empty placeholders, peft #2892), in one file
-that one process resumes, and ZeRO-2 resumes one process's.
+flattens them); PiSSA, OLoRA, rsLoRA and gaussian DoRA as named adapters; LoRA on a tied embedding and its LM head;
+every weight-update method at once as named adapters, with AdaLoRA's rank allocation and AdaLoRA's and HRA's
+orthogonality regularizers (hooks that read and add gradients, which ZeRO keeps in its own partitions, not in
+``.grad``); each inserted method in its own model (BitFit on a biased Llama, X-LoRA over frozen experts), with the
+refusals of ``test_deepspeed_refusals_name_the_fix`` for what is not supported. Each equals one process on the same
+global batch, file by file: the adapter exports at steps 4 and 8 and at the end, and the merged exports (rtol 1e-4,
+atol 1e-5, as for DDP and FSDP2: the runs differ only in the order float32 gradients are summed). ZeRO-3 partitions
+every tensor (adapters too) and only the adapter reaches ZeRO's optimizer; checkpoints hold whole adapter tensors
+(AdaLoRA's statistics too) and Adam state in one process's layout (not ZeRO-3's empty placeholders, peft #2892), in
+one file that one process resumes, and ZeRO-2 resumes one process's.
 """
 
 from __future__ import annotations
