@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .methods.base import AdaptedLayer, WeightUpdate
+from .methods._dropout import dropout_linear
 from .methods.lora import LoRAUpdate
 from .surgery import check_names
 
@@ -167,11 +168,13 @@ class LayerRoute:
         adapter's rank columns (its scaling folded in; zeros for none), then through their B concatenated, accumulated
         into ``out`` by the GEMM. The wider rank costs little: these skinny GEMMs are bound by reading ``x``."""
         a, b_t = _factors(layer, self, out.dtype)
-        if self.dropout != 0 and layer.training:
-            x = _dropout(x, self)
         # in place: the GEMM's backward does not need its output; F.linear: A's gradient comes out in A's layout, so
         # each adapter's slice of it becomes that adapter's .grad without a copy
-        hidden = F.linear(x, a).mul_(self.mask.rows(x.shape[0], out.dtype))
+        if self.dropout and layer.training:  # one probability: backward keeps x and the mask as bits, no dropped copy
+            hidden = dropout_linear(x, a, self.dropout)
+        else:
+            hidden = F.linear(_dropout(x, self) if self.dropout != 0 and layer.training else x, a)
+        hidden = hidden.mul_(self.mask.rows(x.shape[0], out.dtype))
         return out.addmm_(hidden, b_t)
 
 

@@ -16,6 +16,7 @@ from torch.nn.modules import module as _module
 
 from ..config import ConfigError, LoRAConfig
 from ..targeting import pattern_value
+from ._dropout import dropout_linear, plain_dropout
 from .base import AdaptedLayer, WeightUpdate, base_kind
 
 CONV_BY_DIMS = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
@@ -55,7 +56,11 @@ class LoRAUpdate(WeightUpdate):
         if not torch.is_grad_enabled() and x.shape[0] <= DECODE_ROWS and not (  # compiled decoding (training: no
                 self.training and isinstance(self.lora_dropout, nn.Dropout)):  # guard on the rows)
             return decode_update(x, out, self.lora_A.weight, self.lora_B.weight, self.scaling)
-        after_a = F.linear(self.lora_dropout(x), self.lora_A.weight.to(out.dtype)).to(out.dtype)
+        drop = self._modules["lora_dropout"]
+        if plain_dropout(drop):  # backward keeps x (shared with the base) and the mask as bits, not a dropped copy
+            after_a = dropout_linear(x, self.lora_A.weight.to(out.dtype), drop.p).to(out.dtype)
+        else:
+            after_a = F.linear(drop(x), self.lora_A.weight.to(out.dtype)).to(out.dtype)
         return out.addmm_(after_a, self.lora_B.weight.to(out.dtype).t(), alpha=self.scaling)
 
     def _inference_factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
