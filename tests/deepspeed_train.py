@@ -36,7 +36,7 @@ from tiny_modules import TinyLlamaModule, TokensDataModule  # noqa: E402
 # ZeRO-3 partitions once; its merge is refused, as in one process).
 DEEPSPEED_RUNS = {
     "tied": {"tie": True, "export_merged": False, "options": {"target_modules": ["embed_tokens", "lm_head", "q_proj"]}},
-    "dora_loraplus": {"method": "dora", "loraplus": 4, "max_steps": 4},  # B and the magnitude at 4x the rate
+    "dora_loraplus": {"method": "dora", "loraplus": 4},  # B and the magnitude at 4x the rate
     "lora_inits": {"options": {"r": None, "target_modules": None, "adapters": {
         "pissa": {"method": "lora", "r": 4, "init_weights": "pissa", "target_modules": ["q_proj"]},
         "olora": {"method": "lora", "r": 4, "init_weights": "olora", "target_modules": ["v_proj"]},
