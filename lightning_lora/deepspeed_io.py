@@ -155,8 +155,6 @@ def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], 
                          state: dict[str, Any]) -> None:
     """Load a state ``optimizer_state`` (or one process's torch optimizer) wrote into the ZeRO optimizer: its group
     options, the scalar state (``step``) of each flat partition, and each parameter's slices of the rest."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
     check_optimizer_state(groups, state)
     params = [p for group in groups for p in group]
     saved = {int(k): v for k, v in state["state"].items()}
@@ -179,7 +177,7 @@ def load_optimizer_state(zero_optimizer: Any, groups: list[list[nn.Parameter]], 
     _link_optimizer_state(zero_optimizer)
     for index, param in enumerate(params):
         for key in per_element:  # this rank's slice
-            safe_set_full_optimizer_state(param, saved[index][key].to(param.device, torch.float32), key)
+            _set_full(param, saved[index][key], state_key=key)
 
 
 @contextlib.contextmanager
@@ -206,7 +204,7 @@ def whole_trainable(modules: Iterable[nn.Module], grads: dict[Tensor, Tensor]) -
     read before the step (``safe_get_full_grad``) and kept in ``grads`` (the caller's, cleared per batch) for a hook
     after it. On exit, a value the hook changed goes back into the master and the partitions, a gradient it changed
     into ZeRO's gradient partitions (before the step only). A collective (every rank, same order, same whole values)."""
-    from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+    from deepspeed.utils import safe_get_full_grad
 
     modules = list(modules)
     swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter, Tensor, bool]] = []
@@ -234,17 +232,44 @@ def whole_trainable(modules: Iterable[nn.Module], grads: dict[Tensor, Tensor]) -
                     _set_whole(param, copy.detach())
                 if copy.grad is not None:
                     if not stepped:  # before the step: ZeRO's gradient partitions take the hook's gradient
-                        safe_set_full_grad(param, copy.grad.to(param.device).reshape(full_shape(param)))
+                        _set_full(param, copy.grad, grad=True)
                     grads[param] = copy.grad
+
+
+def _set_full(param: Tensor, value: Tensor, state_key: Optional[str] = None, grad: bool = False) -> None:
+    """A whole ``value`` into this rank's slice of the float32 master of ``param`` (``state_key``: of that optimizer
+    state; ``grad``: of its gradient, before the step). Under stage 3 the slice is cut here, padded as ZeRO pads the
+    last partition: DeepSpeed's full setters read past the end of a tensor whose size is not a multiple of the world
+    size (LLaMA-Adapter's one-element gates failed to load on 2 ranks)."""
+    from deepspeed import utils
+
+    value = value.detach().to(param.device, torch.float32)
+    if is_partitioned(param):
+        size = param.ds_tensor.numel()
+        start = param._z3_optimizer._get_param_partition_rank(param) * size
+        local = value.flatten()[start:start + size]
+        local = torch.cat([local, local.new_zeros(size - local.numel())])
+        if grad:
+            utils.safe_set_local_grad(param, local)
+        elif state_key is not None:
+            utils.safe_set_local_optimizer_state(param, local, state_key)
+        else:
+            utils.safe_set_local_fp32_param(param, local)
+        return
+    value = value.reshape(param.shape)
+    if grad:
+        utils.safe_set_full_grad(param, value)
+    elif state_key is not None:
+        utils.safe_set_full_optimizer_state(param, value, state_key)
+    else:
+        utils.safe_set_full_fp32_param(param, value)
 
 
 def _set_whole(target: Tensor, value: Tensor) -> None:
     """A whole tensor into a ZeRO parameter: the optimizer's float32 master (this rank's slice) and the parameter
     each rank computes with (stage 3: its partition). A collective."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     if has_master(target):
-        safe_set_full_fp32_param(target, value.to(target.device, torch.float32))
+        _set_full(target, value)
     with _gathered([target], modifier_rank=0):  # rank zero's copy goes back into the partitions
         target.data.copy_(value.to(target.device, target.dtype).reshape(target.shape))
 
