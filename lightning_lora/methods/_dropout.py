@@ -28,9 +28,13 @@ def pack_bits(mask: Tensor) -> Tensor:
     """A bool ``(rows, n)`` mask as ``(rows, ceil(n / 8))`` uint8, bit ``i`` of byte ``j`` holding column ``8 j + i``:
     one multiply per 8 elements (a loop over bits costs ten times more in eager mode)."""
     rows, n = mask.shape
-    bytes_ = mask.contiguous().view(torch.uint8)
+    compiling = torch.compiler.is_compiling()  # Inductor lowers no dtype view of a bool tensor on CUDA
+    bytes_ = mask.to(torch.uint8) if compiling else mask.contiguous().view(torch.uint8)
     if n % 8:
         bytes_ = F.pad(bytes_, (0, 8 - n % 8))
+    if compiling:  # the same bytes, as shifts and a sum Inductor fuses into the mask's kernel
+        shifts = torch.arange(8, device=mask.device, dtype=torch.int32)
+        return (bytes_.view(rows, -1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
     return ((bytes_.view(torch.int64) * _GATHER) >> 49).to(torch.uint8)
 
 
@@ -38,7 +42,8 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """The bool ``(rows, n)`` mask ``pack_bits`` packed."""
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.view(packed.shape[0], -1)[:, :n].view(torch.bool)
+    bits = bits.view(packed.shape[0], -1)[:, :n]
+    return bits.to(torch.bool) if torch.compiler.is_compiling() else bits.view(torch.bool)
 
 
 def apply_mask(x: Tensor, mask: Tensor, p: float) -> Tensor:

@@ -53,6 +53,15 @@ def test_bits_round_trip(columns: int) -> None:
     assert torch.equal(unpack_bits(packed, columns), mask)
 
 
+def test_compiled_packing_gives_the_same_bytes() -> None:
+    """Compiled, the bits are packed without dtype views of bool tensors (which Inductor does not lower on CUDA:
+    "torch.bool is not supported by torch.iinfo", seen on an H200), into the same bytes as in eager mode."""
+    mask = torch.rand(6, 21, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = torch.compile(pack_bits, fullgraph=True, backend="inductor")(mask)
+    assert torch.equal(packed, pack_bits(mask))
+    assert torch.equal(torch.compile(unpack_bits, fullgraph=True)(packed, 21), mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_same_output_and_gradients_as_dropout_then_linear(dtype: torch.dtype) -> None:
     """Same seed, same mask as ``F.dropout``: output, input and weight gradients bit for bit (bf16: as the CPU's
