@@ -32,9 +32,13 @@ def packed(matrix: Tensor) -> Tensor:
 
 
 def cayley(q: Tensor) -> Tensor:
-    """The Cayley map ``(I - Q)(I + Q)^-1`` of skew-symmetric ``(n, b, b)`` blocks: orthogonal blocks, ``I`` at 0."""
+    """The Cayley map ``(I - Q)(I + Q)^-1`` of skew-symmetric ``(n, b, b)`` blocks: orthogonal blocks, ``I`` at 0.
+    Solved in float32 for half-precision blocks (DeepSpeed's bf16 mode casts the adapter itself; CUDA's LU has no
+    bf16/fp16 kernel) and returned in ``q``'s dtype."""
+    dtype = q.dtype
+    q = q.float() if dtype in (torch.float16, torch.bfloat16) else q
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype).expand_as(q)
-    return torch.linalg.solve(eye + q, eye - q, left=False)
+    return torch.linalg.solve(eye + q, eye - q, left=False).to(dtype)
 
 
 def cayley_neumann(q: Tensor, terms: int) -> Tensor:

@@ -177,7 +177,9 @@ class DoRAUpdate(LoRAUpdate):
         """While B is still zero (as initialized, so neither trained nor loaded), m starts again from the new base's
         norms: QDoRA then equals the quantized base exactly at step 0, not up to its quantization error."""
         if not self.lora_B.weight.any():
-            self.lora_magnitude_vector.copy_(self.column_norm(layer.linear_weight()))
+            # quantize_base(device=...) may have put the new base on the accelerator ahead of the adapter
+            w, a, b = layer.linear_weight(), self.lora_A.weight, self.lora_B.weight
+            self.lora_magnitude_vector.copy_(factored_norm(w, a.to(w.device), b.to(w.device), self.scaling))
 
 
 class _Rescaled:

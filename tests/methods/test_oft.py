@@ -178,3 +178,14 @@ def test_several_active_adapters_on_one_layer_merge_to_the_same_outputs() -> Non
         unmerge(model)
         set_active_adapters(model, ["default"])
         assert (model(x) - unmerged).abs().max() > 1e-3  # each adapter mattered
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cayley_of_half_precision_blocks_is_solved_in_float32(dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16 mode casts the adapter itself to bf16, and CUDA's LU has no half-precision kernel (seen on an
+    H200 under ZeRO-3 bf16-mixed: "lu_factor_cublas" not implemented for 'BFloat16'): the map is solved in float32."""
+    a = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    q = 0.5 * (a - a.transpose(-2, -1))
+    got = cayley(q.to(dtype))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, cayley(q.to(dtype).float()).to(dtype), rtol=0, atol=0)
