@@ -98,15 +98,17 @@ class HRAUpdate(WeightUpdate):
 
     def chain(self) -> tuple[Tensor, Tensor]:
         """``(U, K)`` with ``H_1 ... H_r = I - U K U^T``: unit columns and ``K = S^-1``, or with ``apply_GS``
-        orthonormal columns and ``K = 2 I``."""
-        u = self.hra_u
+        orthonormal columns and ``K = 2 I``. Computed in float32 for a half-precision U (DeepSpeed's bf16 mode casts
+        the adapter itself; QR and triangular solves have no half-precision kernels) and returned in U's dtype."""
+        dtype = self.hra_u.dtype
+        u = self.hra_u.float() if dtype in (torch.float16, torch.bfloat16) else self.hra_u
         if self.config.apply_GS:
             q = torch.linalg.qr(u).Q
-            return q, 2 * torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
+            return q.to(dtype), 2 * torch.eye(u.shape[1], device=u.device, dtype=dtype)
         u = u / u.norm(dim=0)
         s = torch.triu(u.T @ u, diagonal=1) + 0.5 * torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
         eye = torch.eye(u.shape[1], device=u.device, dtype=u.dtype)
-        return u, torch.linalg.solve_triangular(s, eye, upper=True)
+        return u.to(dtype), torch.linalg.solve_triangular(s, eye, upper=True).to(dtype)
 
     def transform_input(self, layer: AdaptedLayer, x: Tensor) -> Tensor:
         """``x H^T = x - (x U) K^T U^T``, in the adapter's dtype."""
