@@ -31,7 +31,13 @@ def train(out: Path, devices: int, batch_size: int, *args: str) -> dict[str, tor
         [sys.executable, str(SCRIPT), "--devices", str(devices), "--batch-size", str(batch_size), "--out", str(out),
          *args], capture_output=True, text=True, timeout=600, env=env,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if result.returncode != 0:  # both ranks write to these pipes: keep every error line, not only the last rank's
+        log = out.parent / f"{out.name}-failed.log"
+        log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
+        errors = [line for line in result.stderr.splitlines()
+                  if any(word in line for word in ("Error", "error:", "terminate", "Abort", "Fatal", "signal"))]
+        raise AssertionError(f"exit code {result.returncode}; full log {log}; error lines:\n" + "\n".join(errors[:40])
+                             + "\n--- last output ---\n" + result.stdout[-2000:] + result.stderr[-2000:])
     return load_file(out / "adapter" / "adapter_model.safetensors") if (out / "adapter").is_dir() else {}
 
 
