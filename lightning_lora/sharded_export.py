@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import PathLike, check_export_target, export_directory, write_json
-from .distributed import full_tensor
+from .distributed import full_tensor, is_dtensor
 from .export import MERGED_KIND, MERGED_WEIGHTS
 from .methods.base import AdaptedLayer, dense
 from .methods.inserted import InsertedAdapter
@@ -84,9 +84,36 @@ def _gathered_whole(tensor: Tensor) -> Iterator[Tensor]:
 
 
 def _gathered_dense(tensor: Tensor) -> Tensor:
-    """``tensor`` whole and plain: a sharded quantized weight (NF4 under FSDP2) is gathered in its format (torchao's
-    NF4 implements the gather) and dequantized whole, since a shard's block metadata is the full tensor's."""
-    return dense(full_tensor(tensor))
+    """``tensor`` whole and plain: a sharded quantized weight (NF4 under FSDP2) is gathered in its format and
+    dequantized whole, since a shard's block metadata is the full tensor's."""
+    return dense(_gathered_nf4(tensor) if _evenly_sharded_nf4(tensor) else full_tensor(tensor))
+
+
+def _evenly_sharded_nf4(tensor: Tensor) -> bool:
+    if not is_dtensor(tensor) or type(tensor.to_local()).__name__ != "NF4Tensor":
+        return False
+    from torch.distributed.tensor import Shard
+
+    return tuple(tensor.placements) == (Shard(0),) and tensor.shape[0] % tensor.device_mesh.size() == 0
+
+
+def _gathered_nf4(tensor: Tensor) -> Tensor:
+    """A dim-0 sharded NF4 DTensor whole, as torchao's NF4 all-gather builds it (each sharded inner tensor gathered,
+    the rest kept), but with blocking ``all_gather_into_tensor`` calls: ``full_tensor()`` goes through functional
+    collectives, whose pending inner tensors corrupted the heap of 2-process gloo runs (``malloc(): unaligned tcache
+    chunk detected``, now and then while a gathered weight was dequantized)."""
+    import torch.distributed as dist
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import (
+        _INNER_TENSOR_NAMES_FOR_SHARDING, NF4Tensor, construct_nf4_args)
+
+    local, group = tensor.to_local(), tensor.device_mesh.get_group()
+    gathered: dict = {"size": tensor.shape}
+    for name in _INNER_TENSOR_NAMES_FOR_SHARDING:
+        part = getattr(local, name).contiguous()
+        whole = part.new_empty((part.shape[0] * dist.get_world_size(group), *part.shape[1:]))
+        dist.all_gather_into_tensor(whole, part, group=group)
+        gathered[name] = whole
+    return NF4Tensor(*construct_nf4_args(local, gathered))
 
 
 def _merged(layer: AdaptedLayer, weight: Tensor) -> Tensor:
