@@ -14,7 +14,6 @@ draws the next epoch's order differently after a mid-epoch restore (torchdata al
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -42,6 +41,7 @@ from lightning_lora.callbacks.exports import (
     tokenizer_of,
 )
 from lightning_lora.callbacks.hooks import unwrap, wrap_once
+from lightning_lora.callbacks.method_hooks import MethodHooks
 from lightning_lora.callbacks.loraplus import apply_loraplus, loraplus_rates, split_groups
 from lightning_lora.callbacks.named import inject_named, named_configs, route_batch
 from lightning_lora.callbacks.options import differences as option_changes, merge_options
@@ -313,10 +313,9 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._exported_step: Optional[int] = None
         self._resume_rng: Optional[dict[str, Any]] = None
         self._probe: Any = None  # the first training example, for the fit-end merge report of a quantized base
-        self._stepped = False  # an optimizer step ran in this batch (for MethodSpec.after_step)
         self._sharded = False  # ModelParallelStrategy (FSDP2): adapters may be DTensors
         self._deepspeed = False  # DeepSpeedStrategy: ZeRO holds the adapters' masters (stage 3: partitions them too)
-        self._zero_grads: dict = {}  # DeepSpeed: whole gradients read before the step, for MethodSpec.after_step
+        self._method_hooks = MethodHooks(self.named_configs or {"": self.config}, strategy="")  # set up in setup
         self._pending_optimizer_states: Optional[list] = None  # a resumed FSDP2 run's, loaded after pruning
         self._optimizers_pruned = False  # on_fit_start has run (frozen parameters left the optimizers)
         self._replicated: list[nn.Parameter] = []  # FSDP2: trainable parameters kept whole on every rank
@@ -340,6 +339,8 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._trainer = trainer
         self._sharded = is_model_parallel(trainer.strategy)
         self._deepspeed = is_deepspeed(trainer.strategy)
+        self._method_hooks = MethodHooks(self.named_configs or {"": self.config},
+                                         "deepspeed" if self._deepspeed else "fsdp2" if self._sharded else "")
         if stage == "fit" and not self._deepspeed:  # DeepSpeedStrategy is a DDPStrategy too, with its own checks
             fsdp2.check_ddp(trainer.strategy, self.adapter_key, self.named_configs or {"": self.config})
         if self._sharded:
@@ -542,29 +543,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._replicated:  # FSDP2 averages the gradients of what it shards; these it was told to leave whole
             distributed.average_replicated_grads(self._replicated, fsdp2.data_parallel_group(trainer.strategy))
-        for spec in self._method_specs():
-            # ZeRO drops the gradients at its step: _whole reads them now for after_step too
-            if spec.regularization is not None or (self._deepspeed and spec.after_step is not None):
-                with self._whole(spec):  # its gradient joins the (unscaled, all-reduced) loss gradient
-                    term = spec.regularization(adapters(self.model)) if spec.regularization is not None else None
-                    if term is not None:
-                        term.backward()
-        self._stepped = True
-
-    def _whole(self, spec: Any) -> Any:
-        """FSDP2 and DeepSpeed: a method's training-loop hook sees its adapters' tensors whole, with whole gradients
-        (``distributed.whole_trainable``, ``deepspeed_io.whole_trainable``)."""
-        if self._deepspeed:
-            return deepspeed_io.whole_trainable(distributed.method_modules(self.model, spec.name), self._zero_grads)
-        if not self._sharded:
-            return contextlib.nullcontext()
-        return distributed.whole_trainable(distributed.method_modules(self.model, spec.name))
-
-    def _method_specs(self) -> list[Any]:
-        """The ``MethodSpec`` of each method in the run, once (named adapters may mix methods; a method's hooks act
-        on all of its adapters)."""
-        methods = dict.fromkeys(c.method for c in (self.named_configs or {"": self.config}).values())
-        return [method_spec(m) for m in methods]
+        self._method_hooks.before_optimizer_step(self.model)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -674,12 +653,7 @@ class LoRACallback(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        for spec in self._method_specs() if self._stepped else ():
-            if spec.after_step is not None:  # after the optimizer step, gradients not yet cleared
-                with self._whole(spec):
-                    spec.after_step(adapters(self.model), trainer.global_step - 1, trainer.estimated_stepping_batches)
-        self._stepped = False
-        self._zero_grads.clear()
+        self._method_hooks.after_batch(self.model, trainer.global_step - 1, trainer.estimated_stepping_batches)
         if self._probe is None and self.quantize is not None and self.export_merged and not (self._sharded
                                                                                              or self._deepspeed):
             self._probe = probe_from_batch(self.model, batch)
